@@ -1,0 +1,1886 @@
+"""Parameter Golf training script: train a small GPT in 10 minutes on 8xH100, export it under
+16,000,000 bytes (code + compressed weights) and score it in bits per byte on FineWeb validation.
+
+Every knob is an environment variable (see KNOBS). Runs as `python train_gpt.py` or under
+`torchrun --standalone --nproc_per_node=N train_gpt.py`; on CPU it uses gloo, fp32 and no compile.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import struct
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+BOS_ID = 1
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_INTS = 256
+ARTIFACT_MAGIC = b"PGOLFART"
+ARTIFACT_VERSION = 1
+
+# -----------------------------------------------------------------------------
+# HYPERPARAMETERS
+# -----------------------------------------------------------------------------
+# Each knob: env var name, default, type, one-line meaning. The defaults are the strongest
+# configuration we know for 8xH100 / 600 s; the README table is checked against this list.
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    default: object
+    kind: type | tuple
+    help: str
+    min: float | None = None
+
+
+K = Knob
+KNOBS = [
+    # run and data
+    K("DATA_PATH", "./data/datasets/fineweb10B_sp8192", str, "directory with fineweb_{train,val}_*.bin shards"),
+    K("TOKENIZER_PATH", "./data/tokenizers/fineweb_8192_bpe.model", str, "SentencePiece model used for the byte LUTs"),
+    K("VOCAB_SIZE", 8192, int, "vocabulary size; must equal the tokenizer's", 2),
+    K("RUN_ID", "", str, "log/artifact name (default: a fresh uuid)"),
+    K("SEED", 1337, int, "random seed (model init and data order are fixed by it)"),
+    K("STRICT_ENV", 0, bool, "1: an unknown env var that looks like a misspelt knob is an error"),
+    K("COMPILE", "auto", ("auto", "0", "1"), "torch.compile (auto: on for CUDA)"),
+    K("AUTOCAST", "auto", ("auto", "bf16", "off"), "bf16 autocast (auto: on for CUDA)"),
+    K("ATTN_BACKEND", "auto", ("auto", "fa3", "fa2", "sdpa"), "attention kernel; an unavailable explicit choice is an error"),
+    # model shape
+    K("NUM_LAYERS", 11, int, "transformer blocks", 1),
+    K("MODEL_DIM", 512, int, "residual width", 8),
+    K("NUM_HEADS", 8, int, "query heads", 1),
+    K("NUM_KV_HEADS", 4, int, "key/value heads (GQA); divides NUM_HEADS", 1),
+    K("MLP_MULT", 4.0, float, "MLP hidden width = MLP_MULT * MODEL_DIM", 0.25),
+    K("MLP_ACT", "leaky_relu2", ("relu2", "leaky_relu2"), "MLP activation: relu(x)^2 or leaky_relu(x, slope)^2"),
+    K("MLP_LEAKY_SLOPE", 0.5, float, "negative slope of leaky_relu2", 0.0),
+    K("TIE_EMBEDDINGS", 1, bool, "share the input embedding with the output head"),
+    K("TIED_EMBED_INIT_STD", 0.005, float, "init std of the (tied) embedding", 0.0),
+    K("ROPE_BASE", 10000.0, float, "RoPE base frequency", 1.0),
+    K("ROPE_DIMS", 16, int, "rotate only the first ROPE_DIMS dims of each head (0: all)", 0),
+    K("LOGIT_SOFTCAP", 30.0, float, "logits = cap * tanh(logits / cap) (0: off)", 0.0),
+    K("QK_GAIN_INIT", 5.0, float, "init of the learned per-head query gain", 0.0),
+    K("XSA_LAST_N", 11, int, "exclusive self-attention on the last N layers (0: off)", 0),
+    K("LN_SCALE", 1, bool, "scale each block's norm outputs by 1/sqrt(layer+1)"),
+    K("SMEAR_GATE", 1, bool, "BOS-safe SmearGate: mix the previous token's embedding into each token"),
+    K("SMEAR_GATE_WIDTH", 12, int, "residual dims feeding the SmearGate", 1),
+    K("BIGRAM_VOCAB_SIZE", 0, int, "BigramHash buckets (0: off)", 0),
+    K("BIGRAM_DIM", 128, int, "BigramHash embedding width", 1),
+    K("VE_DIM", 0, int, "value-embedding width (0: off)", 0),
+    K("VE_LAYERS", "9,10", str, "comma-separated layers that add value embeddings"),
+    K("UNET_SKIPS", 1, bool, "encoder->decoder skip connections with learned weights and gates"),
+    K("NUM_LOOPS", 3, int, "passes through layers LOOP_START..LOOP_END once looping is on (1: off)", 1),
+    K("LOOP_START", 3, int, "first looped layer", 0),
+    K("LOOP_END", 5, int, "last looped layer (inclusive)", 0),
+    K("ENABLE_LOOPING_AT", 0.35, float, "training progress at which depth recurrence turns on", 0.0),
+    K("PARALLEL_RESIDUAL_START", 7, int, "attention and MLP read the same input from this layer (-1: off)", -1),
+    K("ATTN_OUT_GATE", 1, bool, "per-head sigmoid gate on the attention output"),
+    K("ATTN_GATE_WIDTH", 12, int, "residual dims feeding the attention output gate", 1),
+    K("DOC_MASK", 0, bool, "attend only within the current BOS-delimited document"),
+    # training
+    K("TRAIN_SEQ_LEN", 2048, int, "training sequence length", 2),
+    K("TRAIN_BATCH_TOKENS", 786432, int, "global tokens per optimizer step", 2),
+    K("GRAD_ACCUM_STEPS", 0, int, "micro-batches per rank per step (0: 8 // world_size)", 0),
+    K("ITERATIONS", 20000, int, "maximum optimizer steps", 0),
+    K("MAX_WALLCLOCK_SECONDS", 600.0, float, "training time cap in seconds (0: none)", 0.0),
+    K("GPTQ_RESERVE_SECONDS", 8.0, float, "seconds of the cap kept for GPTQ calibration and export", 0.0),
+    K("WARMUP_STEPS", 20, int, "compile-priming steps, undone before training", 0),
+    K("LR_WARMUP_STEPS", 0, int, "linear LR warmup steps", 0),
+    K("WARMDOWN_ITERS", 0, int, "LR warmdown length in steps (0: use WARMDOWN_FRAC)", 0),
+    K("WARMDOWN_FRAC", 0.85, float, "LR warmdown as a fraction of training progress", 0.0),
+    K("MIN_LR", 0.1, float, "LR floor at the end of warmdown, as a fraction of peak", 0.0),
+    K("VAL_LOSS_EVERY", 0, int, "validate every N steps (0: only at the end)", 0),
+    K("VAL_BATCH_SIZE", 524288, int, "validation tokens per forward batch (all ranks)", 1),
+    K("TRAIN_LOG_EVERY", 100, int, "log a step line every N steps", 1),
+    # optimizers
+    K("MATRIX_LR", 0.026, float, "Muon learning rate for 2-D weights", 0.0),
+    K("SCALAR_LR", 0.02, float, "Adam learning rate for vectors and scalars", 0.0),
+    K("TIED_EMBED_LR", 0.03, float, "Adam learning rate for the (tied) embedding", 0.0),
+    K("HEAD_LR", 0.008, float, "Adam learning rate for an untied output head", 0.0),
+    K("MUON_MOMENTUM", 0.97, float, "Muon Nesterov momentum", 0.0),
+    K("MUON_MOMENTUM_WARMUP_START", 0.85, float, "Muon momentum at step 0", 0.0),
+    K("MUON_MOMENTUM_WARMUP_STEPS", 500, int, "steps to ramp Muon momentum", 0),
+    K("MUON_BACKEND_STEPS", 5, int, "orthogonalisation iterations", 1),
+    K("MUON_NS", "polar", ("ns5", "polar"), "Newton-Schulz 5 or Polar Express coefficients"),
+    K("MUON_ROW_NORMALIZE", 1, bool, "normalise update rows before orthogonalising (MuonEq-R)"),
+    K("MUON_WD", 0.095, float, "Muon decoupled weight decay", 0.0),
+    K("EMBED_WD", 0.085, float, "AdamW weight decay of the embedding", 0.0),
+    K("ADAM_WD", 0.02, float, "AdamW weight decay of scalars and gates", 0.0),
+    K("BETA1", 0.9, float, "Adam beta1", 0.0),
+    K("BETA2", 0.99, float, "Adam beta2", 0.0),
+    K("ADAM_EPS", 1e-8, float, "Adam epsilon", 0.0),
+    K("GRAD_CLIP_NORM", 0.3, float, "global gradient-norm clip (0: off)", 0.0),
+    # weight averaging and QAT
+    K("AVERAGING", "ema", ("none", "ema", "swa", "ema+swa"), "weights exported: raw, EMA, SWA, or SWA of EMA"),
+    K("EMA_DECAY", 0.9965, float, "EMA decay per update", 0.0),
+    K("EMA_EVERY", 1, int, "update the EMA every N steps", 1),
+    K("SWA_EVERY", 50, int, "take an SWA snapshot every N steps", 1),
+    K("SWA_START_FRAC", 0.85, float, "training progress from which SWA snapshots are taken", 0.0),
+    K("LATE_QAT_THRESHOLD", 0.0, float, "fake-quantize weights once the LR scale drops below this (0: off)", 0.0),
+    # quantization and artifact
+    K("QUANT", "gptq", ("rtn", "gptq"), "round-to-nearest or full-Hessian GPTQ"),
+    K("ATTN_BITS", 6, int, "bits of attention matrices", 2),
+    K("MLP_BITS", 6, int, "bits of MLP matrices", 2),
+    K("EMBED_BITS", 7, int, "bits of embedding tables", 2),
+    K("OTHER_BITS", 8, int, "bits of other matrices (projections, gates)", 2),
+    K("ATTN_CLIP_SIGMAS", 13.0, float, "SDClip k for attention: clip at k*std(row)", 0.0),
+    K("MLP_CLIP_SIGMAS", 11.5, float, "SDClip k for MLP matrices", 0.0),
+    K("EMBED_CLIP_SIGMAS", 14.0, float, "SDClip k for embeddings", 0.0),
+    K("OTHER_CLIP_SIGMAS", 16.0, float, "SDClip k for other matrices", 0.0),
+    K("CLIP_SEARCH", 0, bool, "per-row search of the clip multiplier minimising error (else fixed SDClip)"),
+    K("KEEP_FLOAT_NUMEL", 65536, int, "tensors with fewer elements are stored as fp16", 0),
+    K("GPTQ_DAMP", 0.01, float, "GPTQ damping as a fraction of the mean Hessian diagonal", 0.0),
+    K("GPTQ_BLOCK_SIZE", 128, int, "GPTQ column block size", 1),
+    K("GPTQ_CALIBRATION", "train", ("train", "selfgen"), "calibration data: training batches or self-generated text"),
+    K("GPTQ_CALIBRATION_BATCHES", 16, int, "calibration batches (of one micro-batch each)", 1),
+    K("LQER_RANK", 4, int, "rank of the low-rank quantization-error correction (0: off)", 0),
+    K("LQER_TOP_K", 3, int, "tensors with the largest error that get LQER", 0),
+    K("PACK_BITS", 1, bool, "bit-pack quantized values densely before compression"),
+    K("COMPRESSOR", "brotli", ("zstd", "brotli", "lzma", "auto"), "artifact compressor (auto: smallest of all)"),
+    K("COMPRESSION_LEVEL", -1, int, "compressor level (-1: the maximum)", -1),
+    K("ARTIFACT_BUDGET", 16000000, int, "bytes allowed for code + model; export lowers bits to fit", 1),
+    K("ARTIFACT_PATH", "", str, "artifact file (default logs/<RUN_ID>.pgart)"),
+    K("EVAL_ONLY", "", str, "artifact to evaluate instead of training"),
+    # evaluation
+    K("EVAL_SEQ_LEN", 0, int, "evaluation window length (0: TRAIN_SEQ_LEN)", 0),
+    K("EVAL_STRIDE", 64, int, "sliding-window stride for final_sliding (0: no sliding eval)", 0),
+    K("EVAL_BATCH_SEQS", 32, int, "windows per evaluation forward", 1),
+    K("EVAL_MAX_SECONDS", 600.0, float, "time for everything after training; TTT stops adapting to stay inside", 0.0),
+    K("TTT_ENABLED", 1, bool, "score-first test-time training (final_ttt)"),
+    K("TTT_CHUNK_TOKENS", 32768, int, "tokens scored, then trained on, per TTT chunk", 2),
+    K("TTT_EPOCHS", 1, int, "passes over each chunk after scoring it", 1),
+    K("TTT_LR", 0.005, float, "TTT peak learning rate (cosine over chunks)", 0.0),
+    K("TTT_OPTIMIZER", "sgd", ("sgd", "adamw"), "TTT optimizer"),
+    K("TTT_MOMENTUM", 0.9, float, "TTT SGD momentum / AdamW beta1", 0.0),
+    K("TTT_GRAD_CLIP", 1.0, float, "TTT gradient-norm clip (0: off)", 0.0),
+    K("TTT_PARAMS", "all", ("all", "norms", "lora", "last_k"), "what TTT trains"),
+    K("TTT_LORA_RANK", 8, int, "rank of TTT LoRA adapters", 1),
+    K("TTT_LAST_K", 2, int, "layers trained by TTT_PARAMS=last_k", 1),
+    K("TTT_BATCH_SEQS", 16, int, "sequences per TTT step (all ranks)", 1),
+]
+del K
+KNOB_BY_NAME = {k.name: k for k in KNOBS}
+# Set by launchers and libraries, never knobs; excluded from the misspelling check.
+FOREIGN_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+               "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "OMP_NUM_THREADS"}
+# Knobs that define the model; EVAL_ONLY takes them from the artifact.
+MODEL_KNOBS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_ACT",
+               "MLP_LEAKY_SLOPE", "TIE_EMBEDDINGS", "ROPE_BASE", "ROPE_DIMS", "LOGIT_SOFTCAP", "XSA_LAST_N",
+               "LN_SCALE", "SMEAR_GATE", "SMEAR_GATE_WIDTH", "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM", "VE_DIM",
+               "VE_LAYERS", "UNET_SKIPS", "NUM_LOOPS", "LOOP_START", "LOOP_END", "PARALLEL_RESIDUAL_START",
+               "ATTN_OUT_GATE", "ATTN_GATE_WIDTH", "DOC_MASK")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_knob(knob: Knob, raw: str):
+    what = f"{knob.name}={raw!r}"
+    if isinstance(knob.kind, tuple):
+        if raw not in knob.kind:
+            raise ConfigError(f"{what}: expected one of {', '.join(knob.kind)}")
+        return raw
+    if knob.kind is bool:
+        if raw.lower() not in ("0", "1", "true", "false"):
+            raise ConfigError(f"{what}: expected 0 or 1")
+        return raw.lower() in ("1", "true")
+    if knob.kind is str:
+        return raw
+    try:
+        value = knob.kind(raw)
+    except ValueError:
+        raise ConfigError(f"{what}: expected {'an integer' if knob.kind is int else 'a number'}") from None
+    if not math.isfinite(value) or (knob.min is not None and value < knob.min):
+        raise ConfigError(f"{what}: must be a finite value >= {knob.min}")
+    return value
+
+
+def edit_distance(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def misspelt_knobs(environ) -> list[tuple[str, str]]:
+    """Env vars that are not knobs but within a small edit distance of one (NUM_LAYER -> NUM_LAYERS)."""
+    found = []
+    for name in environ:
+        if name in KNOB_BY_NAME or name in FOREIGN_ENV or not name.isupper():
+            continue
+        limit = 2 if len(name) >= 8 else 1
+        best = min(KNOBS, key=lambda k: edit_distance(name, k.name))
+        if edit_distance(name, best.name) <= limit:
+            found.append((name, best.name))
+    return found
+
+
+class Hyperparameters:
+    """Resolved knobs as lowercase attributes, plus where each came from."""
+
+    def __init__(self, environ=None):
+        environ = os.environ if environ is None else environ
+        self.sources = {}
+        for knob in KNOBS:
+            raw = environ.get(knob.name)
+            value = knob.default if raw is None else parse_knob(knob, raw)
+            setattr(self, knob.name.lower(), value)
+            self.sources[knob.name] = "default" if raw is None else "env"
+        self.misspelt = misspelt_knobs(environ)
+        if self.misspelt and self.strict_env:
+            raise ConfigError("; ".join(f"unknown env var {n} (did you mean {k}?)" for n, k in self.misspelt))
+        self.run_id = self.run_id or str(uuid.uuid4())
+        self.eval_seq_len = self.eval_seq_len or self.train_seq_len
+        self.ve_layer_ids = self.parse_layer_list("VE_LAYERS", self.ve_layers) if self.ve_dim else []
+        self.check()
+
+    def parse_layer_list(self, name: str, raw: str) -> list[int]:
+        try:
+            ids = [int(s) for s in raw.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: expected comma-separated layer indices") from None
+        if any(not 0 <= i < self.num_layers for i in ids):
+            raise ConfigError(f"{name}={raw!r}: layer indices must be in [0, NUM_LAYERS)")
+        return ids
+
+    def check(self):
+        def need(cond, msg):
+            if not cond:
+                raise ConfigError(msg)
+
+        need(self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} is not divisible by NUM_HEADS={self.num_heads}")
+        need(self.num_heads % self.num_kv_heads == 0, f"NUM_HEADS={self.num_heads} is not divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        head_dim = self.model_dim // self.num_heads
+        need(head_dim % 2 == 0, f"MODEL_DIM/NUM_HEADS={head_dim} must be even for RoPE")
+        need(self.rope_dims % 2 == 0 and self.rope_dims <= head_dim, f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {head_dim}")
+        need(self.xsa_last_n <= self.num_layers, f"XSA_LAST_N={self.xsa_last_n} exceeds NUM_LAYERS={self.num_layers}")
+        need(self.smear_gate_width <= self.model_dim, f"SMEAR_GATE_WIDTH={self.smear_gate_width} exceeds MODEL_DIM")
+        need(self.attn_gate_width <= self.model_dim, f"ATTN_GATE_WIDTH={self.attn_gate_width} exceeds MODEL_DIM")
+        if self.num_loops > 1:
+            need(self.loop_start <= self.loop_end < self.num_layers,
+                 f"LOOP_START={self.loop_start}..LOOP_END={self.loop_end} must lie within the {self.num_layers} layers")
+        need(self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE=1: need at least 2 buckets (one is reserved)")
+        for name in ("ATTN_BITS", "MLP_BITS", "EMBED_BITS", "OTHER_BITS"):
+            need(2 <= getattr(self, name.lower()) <= 8, f"{name}={getattr(self, name.lower())}: must be 2..8")
+        need(self.warmdown_frac <= 1 and self.min_lr <= 1, "WARMDOWN_FRAC and MIN_LR must be <= 1")
+        need(0 < self.train_batch_tokens and self.train_batch_tokens % self.train_seq_len == 0,
+             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
+
+    def model_config(self) -> dict:
+        return {name: getattr(self, name.lower()) for name in MODEL_KNOBS}
+
+    def log_lines(self) -> list[str]:
+        return [f"config {k.name}:{getattr(self, k.name.lower())} source:{self.sources[k.name]}" for k in KNOBS]
+
+
+# -----------------------------------------------------------------------------
+# DISTRIBUTED + DEVICE SETUP
+# -----------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    autocast: bool
+    compile: bool
+    log_path: str | None
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def log(self, msg: str, console: bool = True):
+        if not self.master:
+            return
+        if console:
+            print(msg, flush=True)
+        if self.log_path:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                print(msg, file=f)
+
+    def autocast_ctx(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def all_reduce(self, t: Tensor, op=None) -> Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def setup_runtime(args: Hyperparameters) -> Runtime:
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    on_cuda = device.type == "cuda"
+    use_autocast = on_cuda if args.autocast == "auto" else args.autocast == "bf16"
+    use_compile = on_cuda if args.compile == "auto" else args.compile == "1"
+    os.makedirs("logs", exist_ok=True)
+    log_path = f"logs/{args.run_id}.txt" if rank == 0 else None
+    return Runtime(rank, world_size, local_rank, device, use_autocast, use_compile, log_path)
+
+
+def code_identity() -> tuple[str, int, str]:
+    path = os.path.abspath(__file__)
+    with open(path, "rb") as f:
+        code = f.read()
+    return path, len(code), hashlib.sha256(code).hexdigest()
+
+
+def log_run_header(rt: Runtime, args: Hyperparameters):
+    path, nbytes, digest = code_identity()
+    rt.log(f"code path:{path} bytes_code:{nbytes} code_sha256:{digest}")
+    rt.log("code_begin", console=False)
+    with open(path, encoding="utf-8", errors="replace") as f:
+        rt.log(f.read().rstrip("\n"), console=False)
+    rt.log("code_end", console=False)
+    nproc = int(os.environ.get("LOCAL_WORLD_SIZE", rt.world_size))
+    rt.log(f"launch world_size:{rt.world_size} nproc_per_node:{nproc} script:{os.path.basename(path)}")
+    cuda = torch.version.cuda or "none"
+    name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or "cpu"
+    count = torch.cuda.device_count() if rt.device.type == "cuda" else 1
+    rt.log(f"env python:{platform.python_version()} torch:{torch.__version__} cuda:{cuda} device:{rt.device.type} "
+           f"device_name:{name.replace(' ', '_')} device_count:{count} compile:{int(rt.compile)} autocast:{int(rt.autocast)}")
+    for line in args.log_lines():
+        rt.log(line)
+    for name_, knob in args.misspelt:
+        rt.log(f"warning: unknown env var {name_} looks like the knob {knob} (ignored; STRICT_ENV=1 makes this an error)")
+
+
+# -----------------------------------------------------------------------------
+# DATA: SHARDS, LOADER, BYTE LUTS
+# -----------------------------------------------------------------------------
+
+
+def shard_token_count(path: str) -> int:
+    """Validate an official shard's header and length; return its token count."""
+    size = os.path.getsize(path)
+    if size < SHARD_HEADER_INTS * 4:
+        raise ValueError(f"{path}: truncated shard ({size} bytes, smaller than the {SHARD_HEADER_INTS * 4}-byte header)")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise ValueError(f"{path}: bad shard header magic {header[0]} (expected {SHARD_MAGIC})")
+    if header[1] != SHARD_VERSION:
+        raise ValueError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
+    count = int(header[2])
+    expected = SHARD_HEADER_INTS * 4 + 2 * count
+    if size != expected:
+        raise ValueError(f"{path}: file is {size} bytes but its header promises {count} tokens ({expected} bytes); truncated or corrupt")
+    return count
+
+
+def load_shard(path: str, vocab_size: int) -> np.ndarray:
+    count = shard_token_count(path)
+    tokens = np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_INTS * 4, shape=(count,))
+    if count and int(tokens.max()) >= vocab_size:
+        raise ValueError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}")
+    return tokens
+
+
+def shard_files(data_path: str, split: str) -> list[str]:
+    pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no {split} shards match {pattern} (set DATA_PATH)")
+    return files
+
+
+def load_validation_tokens(data_path: str, vocab_size: int) -> Tensor:
+    tokens = np.concatenate([load_shard(f, vocab_size) for f in shard_files(data_path, "val")])
+    if tokens.size < 2:
+        raise ValueError(f"validation shards under {data_path} hold {tokens.size} tokens; need at least 2")
+    return torch.from_numpy(tokens.astype(np.int64))
+
+
+class TokenStream:
+    """Endless walk over the train shards. Every rank walks the same stream; take() returns only
+    this rank's slice of each global chunk, so ranks read disjoint spans and the global batch does
+    not depend on the world size."""
+
+    def __init__(self, data_path: str, vocab_size: int):
+        self.files = shard_files(data_path, "train")
+        self.vocab_size = vocab_size
+        self.file_idx = -1
+        self.pos = 0
+        self.tokens = np.zeros(0, dtype=np.uint16)
+        self.next_file()
+
+    def next_file(self):
+        self.file_idx = (self.file_idx + 1) % len(self.files)
+        self.tokens = load_shard(self.files[self.file_idx], self.vocab_size)
+        self.pos = 0
+
+    def read(self, n: int, keep: bool) -> list[np.ndarray]:
+        parts = []
+        while n > 0:
+            if self.pos >= len(self.tokens):
+                self.next_file()
+                continue
+            k = min(n, len(self.tokens) - self.pos)
+            if keep:
+                parts.append(np.asarray(self.tokens[self.pos:self.pos + k]))
+            self.pos += k
+            n -= k
+        return parts
+
+    def take(self, global_tokens: int, rank: int, world_size: int) -> np.ndarray:
+        """Next global chunk of global_tokens + 1 tokens (inputs and shifted targets); this rank's
+        overlapping slice of local + 1 tokens."""
+        local = global_tokens // world_size
+        self.read(rank * local, keep=False)
+        mine = np.concatenate(self.read(local + 1, keep=True))
+        self.pos -= 1  # the extra target token is only peeked: it starts the next slice
+        self.read(global_tokens - (rank + 1) * local, keep=False)
+        return mine
+
+
+class TrainLoader:
+    def __init__(self, args: Hyperparameters, rt: Runtime, grad_accum: int):
+        self.stream = TokenStream(args.data_path, args.vocab_size)
+        self.args, self.rt, self.grad_accum = args, rt, grad_accum
+
+    def next_batch(self) -> list[tuple[Tensor, Tensor]]:
+        """One optimizer step's micro-batches for this rank."""
+        a, rt = self.args, self.rt
+        chunk = torch.from_numpy(self.stream.take(a.train_batch_tokens, rt.rank, rt.world_size).astype(np.int64))
+        x = chunk[:-1].view(-1, a.train_seq_len)
+        y = chunk[1:].view(-1, a.train_seq_len)
+        seqs = x.size(0) // self.grad_accum
+        return [(x[i * seqs:(i + 1) * seqs].to(rt.device, non_blocking=True),
+                 y[i * seqs:(i + 1) * seqs].to(rt.device, non_blocking=True)) for i in range(self.grad_accum)]
+
+
+def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"TOKENIZER_PATH={path}: no such file")
+    sp = spm.SentencePieceProcessor(model_file=path)
+    if sp.vocab_size() != vocab_size:
+        raise ValueError(f"tokenizer {path} has vocab size {sp.vocab_size()} but VOCAB_SIZE={vocab_size}")
+    return sp
+
+
+def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token UTF-8 byte counts as the official scorer defines them: base bytes of the piece
+    without its leading-space marker, whether it has that marker (worth one byte unless the previous
+    token is a boundary), and which tokens are boundaries (control/unknown/unused)."""
+    base = np.zeros(vocab_size, dtype=np.int64)
+    space = np.zeros(vocab_size, dtype=np.bool_)
+    boundary = np.ones(vocab_size, dtype=np.bool_)
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            space[i] = True
+            piece = piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary)
+
+
+def target_bytes(prev: Tensor, tgt: Tensor, luts: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    base, space, boundary = luts
+    return base[tgt] + (space[tgt] & ~boundary[prev]).to(torch.int64)
+
+
+# -----------------------------------------------------------------------------
+# MODEL
+# -----------------------------------------------------------------------------
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class QuantWeight(nn.Module):
+    """A module whose `weight` the export quantizes. Late QAT fake-quantizes it with the export's
+    own quantizer; the switch is a tensor, so flipping it never invalidates a compiled graph."""
+
+    def init_qat(self, bits: int, clip_sigmas: float, clip_search: bool):
+        self.qat = (bits, clip_sigmas, clip_search)
+        self.register_buffer("qat_alpha", torch.zeros((), device=self.weight.device), persistent=False)
+
+    def qweight(self) -> Tensor:
+        if getattr(self, "qat", None) is None:
+            return self.weight
+        return fake_quantize(self.weight, *self.qat, self.qat_alpha)
+
+
+class CastedLinear(QuantWeight):
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.zero_init = zero_init
+        self.lora: LoRA | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.qweight().to(x.dtype))
+        return y if self.lora is None else y + self.lora(x)
+
+
+class Embedding(QuantWeight):
+    def __init__(self, num: int, dim: int, std: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num, dim) * std)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.qweight())
+
+
+class LoRA(nn.Module):
+    """Low-rank adapter added to a CastedLinear during test-time training."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, device):
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(rank, in_features, device=device) / math.sqrt(in_features))
+        self.b = nn.Parameter(torch.zeros(out_features, rank, device=device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(F.linear(x, self.a.to(x.dtype)), self.b.to(x.dtype))
+
+
+class Rotary(nn.Module):
+    def __init__(self, dims: int, base: float):
+        super().__init__()
+        self.dims = dims
+        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Rotate the first `dims` channels of x (B, T, H, D); the rest pass through."""
+        t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq)[None, :, None, :]
+        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
+        rot, rest = x[..., :self.dims], x[..., self.dims:]
+        x1, x2 = rot.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
+
+
+def load_flash_attention(backend: str):
+    """The FlashAttention module for fa3/fa2, or None when it is not installed."""
+    try:
+        if backend == "fa3":
+            import flash_attn_interface as fa
+        else:
+            import flash_attn as fa
+        return fa
+    except ImportError:
+        return None
+
+
+def select_attention_backend(requested: str, device: torch.device) -> tuple[str, str]:
+    """(backend, reason). auto: FA3 on Hopper, else FA2 on CUDA, else SDPA; an explicit request
+    that cannot be met is an error, never a silent downgrade."""
+    if requested == "sdpa":
+        return "sdpa", "requested"
+    on_cuda = device.type == "cuda"
+    if requested in ("fa3", "fa2"):
+        if not on_cuda:
+            raise RuntimeError(f"ATTN_BACKEND={requested} needs a CUDA device")
+        if load_flash_attention(requested) is None:
+            pkg = "flash_attn_interface (FlashAttention 3)" if requested == "fa3" else "flash_attn"
+            raise RuntimeError(f"ATTN_BACKEND={requested} but {pkg} is not installed")
+        return requested, "requested"
+    if not on_cuda:
+        return "sdpa", "no_cuda"
+    if torch.cuda.get_device_capability(device)[0] == 9 and load_flash_attention("fa3") is not None:
+        return "fa3", "auto_hopper"
+    if load_flash_attention("fa2") is not None:
+        return "fa2", "auto_fa3_unavailable"
+    return "sdpa", "auto_flash_attn_not_installed"
+
+
+@torch.compiler.disable
+def varlen_segments(doc_ids: Tensor) -> tuple[Tensor, int]:
+    """cu_seqlens of the documents in a flattened (B*T) batch; sequences also cut at batch rows."""
+    B, T = doc_ids.shape
+    new = torch.ones_like(doc_ids, dtype=torch.bool)
+    new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    starts = new.flatten().nonzero().flatten().to(torch.int32)
+    cu = torch.cat([starts, torch.tensor([B * T], device=doc_ids.device, dtype=torch.int32)])
+    return cu, T
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, backend: str, doc_ids: Tensor | None) -> Tensor:
+    """Causal GQA attention; q (B,T,H,D), k/v (B,T,Hkv,D) -> (B,T,H,D). With doc_ids, tokens
+    attend only within their own document."""
+    if backend == "sdpa":
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        if doc_ids is None:
+            y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+        else:
+            T = q.size(1)
+            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            mask = causal[None] & (doc_ids[:, :, None] == doc_ids[:, None, :])
+            y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], enable_gqa=True)
+        return y.transpose(1, 2)
+    fa = load_flash_attention(backend)
+    if doc_ids is None:
+        out = fa.flash_attn_func(q, k, v, causal=True)
+    else:
+        B, T, H, D = q.shape
+        cu, max_len = varlen_segments(doc_ids)
+        flat = lambda t: t.reshape(B * T, t.size(2), D)
+        out = fa.flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, max_len, max_len, causal=True)
+        out = (out[0] if isinstance(out, tuple) else out).view(B, T, H, D)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class Attention(nn.Module):
+    def __init__(self, args: Hyperparameters, xsa: bool, backend: str):
+        super().__init__()
+        dim, self.h, self.hkv = args.model_dim, args.num_heads, args.num_kv_heads
+        self.d = dim // self.h
+        self.c_q = CastedLinear(dim, dim)
+        self.c_k = CastedLinear(dim, self.hkv * self.d)
+        self.c_v = CastedLinear(dim, self.hkv * self.d)
+        self.proj = CastedLinear(dim, dim, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((self.h,), args.qk_gain_init))
+        self.rotary = Rotary(args.rope_dims or self.d, args.rope_base)
+        self.xsa, self.backend = xsa, backend
+        self.gate = nn.Parameter(torch.zeros(self.h, args.attn_gate_width)) if args.attn_out_gate else None
+
+    def forward(self, x: Tensor, ve: Tensor | None, doc_ids: Tensor | None) -> Tensor:
+        B, T, dim = x.shape
+        q = self.c_q(x).view(B, T, self.h, self.d)
+        k = self.c_k(x).view(B, T, self.hkv, self.d)
+        v = self.c_v(x).view(B, T, self.hkv, self.d)
+        if ve is not None:
+            v = v + ve.view(B, T, self.hkv, self.d)
+        q = self.rotary(rms_norm(q)) * self.q_gain.to(x.dtype)[:, None]
+        k = self.rotary(rms_norm(k))
+        y = attend(q, k, v, self.backend, doc_ids)
+        if self.xsa:
+            # Exclusive self-attention: drop the component along the token's own value direction.
+            vhat = F.normalize(v, dim=-1).repeat_interleave(self.h // self.hkv, dim=2)
+            y = y - (y * vhat).sum(-1, keepdim=True) * vhat
+        if self.gate is not None:
+            g = 2 * torch.sigmoid(F.linear(x[..., :self.gate.size(1)], self.gate.to(x.dtype)))
+            y = y * g[..., None]
+        return self.proj(y.reshape(B, T, dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        hidden = int(args.mlp_mult * args.model_dim)
+        self.fc = CastedLinear(args.model_dim, hidden)
+        self.proj = CastedLinear(hidden, args.model_dim, zero_init=True)
+        self.slope = args.mlp_leaky_slope if args.mlp_act == "leaky_relu2" else 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
+        return self.proj(h.square())
+
+
+class Block(nn.Module):
+    def __init__(self, args: Hyperparameters, layer: int, backend: str):
+        super().__init__()
+        dim = args.model_dim
+        self.attn = Attention(args, layer >= args.num_layers - args.xsa_last_n, backend)
+        self.mlp = MLP(args)
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(dim), torch.zeros(dim)]))
+        self.ln = 1 / math.sqrt(layer + 1) if args.ln_scale else 1.0
+        self.parallel = 0 <= args.parallel_residual_start <= layer
+
+    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, doc_ids: Tensor | None) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        h = rms_norm(x) * self.ln
+        a = self.attn_scale.to(x.dtype) * self.attn(h, ve, doc_ids)
+        if self.parallel:
+            return x + a + self.mlp_scale.to(x.dtype) * self.mlp(h)
+        x = x + a
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln)
+
+
+class BigramHash(nn.Module):
+    """Hashed embedding of (previous token, token). Positions whose token is BOS, and the first
+    position of a window, use a reserved bucket, so nothing hashes across a document boundary."""
+
+    def __init__(self, buckets: int, bdim: int, dim: int):
+        super().__init__()
+        self.buckets = buckets
+        self.emb = Embedding(buckets, bdim, 0.02)
+        self.proj = CastedLinear(bdim, dim, zero_init=True)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def bucket_ids(self, ids: Tensor) -> Tensor:
+        prev, cur = ids[:, :-1], ids[:, 1:]
+        h = torch.bitwise_xor(prev * 1000003, cur * 92821) % (self.buckets - 1)
+        h = torch.where(cur == BOS_ID, self.buckets - 1, h)
+        return torch.cat([torch.full_like(ids[:, :1], self.buckets - 1), h], dim=1)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.scale.to(torch.float32) * self.proj(self.emb(self.bucket_ids(ids)))
+
+
+class SmearGate(nn.Module):
+    """x_t += lam * sigmoid(w . x_t[:width]) * x_{t-1}, zeroed where token t is BOS."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(width))
+        self.lam = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor, ids: Tensor) -> Tensor:
+        g = self.lam.to(x.dtype) * torch.sigmoid(x[:, 1:, :self.w.numel()] @ self.w.to(x.dtype))
+        g = g * (ids[:, 1:] != BOS_ID).to(x.dtype)
+        return torch.cat([x[:, :1], x[:, 1:] + g[..., None] * x[:, :-1]], dim=1)
+
+
+class GPT(nn.Module):
+    def __init__(self, args: Hyperparameters, backend: str = "sdpa"):
+        super().__init__()
+        self.args = args
+        dim, L, V = args.model_dim, args.num_layers, args.vocab_size
+        self.tok_emb = Embedding(V, dim, args.tied_embed_init_std)
+        self.bigram = BigramHash(args.bigram_vocab_size, args.bigram_dim, dim) if args.bigram_vocab_size else None
+        self.smear = SmearGate(args.smear_gate_width) if args.smear_gate else None
+        kv_dim = args.num_kv_heads * (dim // args.num_heads)
+        self.ve_emb = Embedding(V, args.ve_dim, 0.02) if args.ve_dim else None
+        self.ve_proj = CastedLinear(args.ve_dim, kv_dim, zero_init=True) if args.ve_dim else None
+        self.ve_layers = set(args.ve_layer_ids)
+        self.blocks = nn.ModuleList([Block(args, i, backend) for i in range(L)])
+        self.n_enc = L // 2 if args.unet_skips else 0
+        self.skip_weights = nn.Parameter(torch.ones(self.n_enc, dim)) if self.n_enc else None
+        self.skip_gates = nn.Parameter(torch.zeros(self.n_enc, dim)) if self.n_enc else None
+        self.lm_head = None if args.tie_embeddings else CastedLinear(dim, V, zero_init=True)
+        self.looping = False
+        for m in self.modules():
+            if isinstance(m, CastedLinear):
+                nn.init.zeros_(m.weight) if m.zero_init else nn.init.orthogonal_(m.weight)
+
+    def layer_order(self) -> list[int]:
+        a, L = self.args, self.args.num_layers
+        if not self.looping or a.num_loops <= 1:
+            return list(range(L))
+        loop = list(range(a.loop_start, a.loop_end + 1))
+        return list(range(a.loop_start)) + loop * a.num_loops + list(range(a.loop_end + 1, L))
+
+    def hidden(self, ids: Tensor) -> Tensor:
+        x = self.tok_emb(ids)
+        if self.bigram is not None:
+            x = x + self.bigram(ids)
+        x = rms_norm(x)
+        if self.smear is not None:
+            x = self.smear(x, ids)
+        x0 = x
+        doc_ids = torch.cumsum(ids == BOS_ID, dim=1) if self.args.doc_mask else None
+        ve = self.ve_proj(self.ve_emb(ids)) if self.ve_emb is not None else None
+        skips = {}
+        for i in self.layer_order():
+            src = 2 * self.n_enc - 1 - i
+            if self.n_enc <= i and 0 <= src and src in skips:
+                k = i - self.n_enc
+                x = x + torch.sigmoid(self.skip_gates[k]).to(x.dtype) * self.skip_weights[k].to(x.dtype) * skips[src]
+            x = self.blocks[i](x, x0, ve if i in self.ve_layers else None, doc_ids)
+            if i < self.n_enc:
+                skips[i] = x
+        return rms_norm(x)
+
+    def logits(self, h: Tensor) -> Tensor:
+        w = self.tok_emb.qweight() if self.lm_head is None else self.lm_head.qweight()
+        logits = F.linear(h, w.to(h.dtype)).float()
+        cap = self.args.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
+
+    def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
+        logits = self.logits(self.hidden(ids))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def token_nll(self, ids: Tensor, targets: Tensor) -> Tensor:
+        """Per-token negative log-likelihood (B, T) in fp32."""
+        logits = self.logits(self.hidden(ids))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view(targets.shape)
+
+
+# -----------------------------------------------------------------------------
+# OPTIMIZERS AND SCHEDULE
+# -----------------------------------------------------------------------------
+
+NS5_COEFFS = (3.4445, -4.7750, 2.0315)
+# Polar Express per-iteration coefficients (arXiv:2505.16932), tuned with a 2% safety margin;
+# iterations past the fifth reuse the last tuple.
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def orthogonalize(G: Tensor, steps: int, method: str) -> Tensor:
+    """Approximate the orthogonal polar factor U V^T of G with an odd matrix polynomial iteration."""
+    X = G.bfloat16() if G.is_cuda else G.float()
+    transposed = X.size(0) > X.size(1)
+    if transposed:
+        X = X.T
+    if method == "polar":
+        X = X / (X.norm() * 1.02 + 1e-7)
+        coeffs = [POLAR_EXPRESS_COEFFS[min(i, len(POLAR_EXPRESS_COEFFS) - 1)] for i in range(steps)]
+    else:
+        X = X / (X.norm() + 1e-7)
+        coeffs = [NS5_COEFFS] * steps
+    for a, b, c in coeffs:
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.T if transposed else X).to(G.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum -> optional row normalisation (MuonEq-R) -> orthogonalisation, scaled by
+    sqrt(max(1, rows/cols)), with decoupled weight decay. Across ranks each matrix is orthogonalised
+    by one rank only; the updates are then summed (every slot is written by exactly one rank), so all
+    ranks apply the identical update without repeating the work."""
+
+    def __init__(self, params, lr: float, momentum: float, steps: int, method: str, row_normalize: bool,
+                 weight_decay: float, rank: int = 0, world_size: int = 1):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.steps, self.method, self.row_normalize = steps, method, row_normalize
+        self.rank, self.world_size = rank, world_size
+
+    def local_update(self, p: Tensor, momentum: float) -> Tensor:
+        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+        buf.mul_(momentum).add_(p.grad)
+        g = p.grad.add(buf, alpha=momentum)
+        if self.row_normalize:
+            g = g / (g.norm(dim=1, keepdim=True) + 1e-7)
+        return orthogonalize(g, self.steps, self.method) * math.sqrt(max(1.0, p.size(0) / p.size(1)))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = group["params"]
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
+            offsets = np.cumsum([0] + [p.numel() for p in params])
+            for i, p in enumerate(params):
+                if i % self.world_size == self.rank and p.grad is not None:
+                    flat[offsets[i]:offsets[i + 1]] = self.local_update(p, group["momentum"]).flatten()
+            if self.world_size > 1:
+                dist.all_reduce(flat)
+            for i, p in enumerate(params):
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(flat[offsets[i]:offsets[i + 1]].view_as(p).to(p.dtype), alpha=-group["lr"])
+
+
+def build_optimizers(model: GPT, args: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
+    """Muon for hidden matrices, AdamW for embeddings, the untied head and all vectors/scalars."""
+    matrix, embed, head = [], [], []
+    for m in model.modules():
+        if m is model.lm_head:
+            head.append(m.weight)
+        elif isinstance(m, CastedLinear):
+            matrix.append(m.weight)
+        elif isinstance(m, Embedding):
+            embed.append(m.weight)
+    taken = {id(p) for p in matrix + embed + head}
+    scalar = [p for p in model.parameters() if id(p) not in taken]
+    groups = [dict(params=embed, lr=args.tied_embed_lr, weight_decay=args.embed_wd),
+              dict(params=scalar, lr=args.scalar_lr, weight_decay=args.adam_wd)]
+    if head:
+        groups.append(dict(params=head, lr=args.head_lr, weight_decay=0.0))
+    adam = torch.optim.AdamW(groups, betas=(args.beta1, args.beta2), eps=args.adam_eps,
+                             fused=rt.device.type == "cuda")
+    muon = Muon(matrix, args.matrix_lr, args.muon_momentum, args.muon_backend_steps, args.muon_ns,
+                args.muon_row_normalize, args.muon_wd, rt.rank, rt.world_size)
+    for opt in (adam, muon):
+        for g in opt.param_groups:
+            g["base_lr"] = g["lr"]
+    return [adam, muon]
+
+
+def training_progress(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """Fraction of training done: by steps, or by elapsed time when a wallclock cap is set
+    (whichever is further), where the cap excludes the time reserved for GPTQ and export."""
+    p = step / max(args.iterations, 1)
+    if args.max_wallclock_seconds > 0:
+        budget_ms = max(args.max_wallclock_seconds - args.gptq_reserve_seconds, 1e-3) * 1000
+        p = max(p, elapsed_ms / budget_ms)
+    return min(p, 1.0)
+
+
+def warmdown_fraction(args: Hyperparameters, step_ms: float) -> float:
+    if args.warmdown_iters <= 0:
+        return args.warmdown_frac
+    if args.max_wallclock_seconds <= 0:
+        return min(1.0, args.warmdown_iters / max(args.iterations, 1))
+    budget_ms = max(args.max_wallclock_seconds - args.gptq_reserve_seconds, 1e-3) * 1000
+    return min(1.0, args.warmdown_iters * step_ms / budget_ms)
+
+
+def lr_scale(args: Hyperparameters, step: int, progress: float, warmdown: float) -> float:
+    """Linear warmup over LR_WARMUP_STEPS, flat, then a linear warmdown to MIN_LR at progress 1."""
+    scale = 1.0
+    if warmdown > 0 and progress > 1 - warmdown:
+        scale = args.min_lr + (1 - args.min_lr) * max(0.0, 1 - progress) / warmdown
+    if args.lr_warmup_steps > 0:
+        scale *= min(1.0, (step + 1) / args.lr_warmup_steps)
+    return scale
+
+
+# -----------------------------------------------------------------------------
+# QUANTIZATION (shared by late QAT and export)
+# -----------------------------------------------------------------------------
+
+
+def quant_class(name: str) -> str:
+    if name.endswith("emb"):
+        return "embed"
+    if ".attn." in name:
+        return "attn"
+    if ".mlp." in name:
+        return "mlp"
+    return "other"
+
+
+def quant_spec(name: str, numel: int, args: Hyperparameters, bits_override: dict | None = None):
+    """(bits, clip_sigmas) for a QuantWeight module's weight, or None to keep it in fp16."""
+    if numel < args.keep_float_numel:
+        return None
+    cls = quant_class(name)
+    bits = (bits_override or {}).get(name, getattr(args, f"{cls}_bits"))
+    return bits, getattr(args, f"{cls}_clip_sigmas")
+
+
+def quantizable_modules(model: nn.Module):
+    for name, m in model.named_modules():
+        if isinstance(m, QuantWeight):
+            yield name, m
+
+
+def row_scales(w: Tensor, bits: int, clip_sigmas: float, clip_search: bool) -> Tensor:
+    """Per-row step size (rows, 1), rounded to fp16 as stored. SDClip: clip at k*std(row); with
+    clip_search, each row picks the k in a small grid that minimises its round-to-nearest error."""
+    qmax = 2 ** (bits - 1) - 1
+    std = w.std(dim=1, keepdim=True, correction=0)
+    to_scale = lambda k: (k * std / qmax).clamp_min(1e-7).half().float()
+    if not clip_search:
+        return to_scale(clip_sigmas)
+    best, best_err = None, None
+    for f in (0.4, 0.55, 0.7, 0.85, 1.0, 1.2):
+        s = to_scale(clip_sigmas * f)
+        err = (w - quantize_rtn(w, s, bits) * s).square().sum(1, keepdim=True)
+        best = s if best is None else torch.where(err < best_err, s, best)
+        best_err = err if best_err is None else torch.minimum(err, best_err)
+    return best
+
+
+def quantize_rtn(w: Tensor, scale: Tensor, bits: int) -> Tensor:
+    qmax = 2 ** (bits - 1) - 1
+    return torch.clamp(torch.round(w / scale), -qmax, qmax)
+
+
+def fake_quantize(w: Tensor, bits: int, clip_sigmas: float, clip_search: bool, alpha: Tensor) -> Tensor:
+    """Straight-through fake quantization: forward sees the export's dequantized weight when
+    alpha == 1, the gradient passes through unchanged."""
+    wd = w.detach().float()
+    s = row_scales(wd, bits, clip_sigmas, clip_search)
+    dq = quantize_rtn(wd, s, bits) * s
+    return w + alpha.to(w.dtype) * (dq.to(w.dtype) - w.detach())
+
+
+def gptq_quantize(w: Tensor, H: Tensor, scale: Tensor, bits: int, damp: float, block: int) -> Tensor:
+    """GPTQ with act-order: quantize columns in order of decreasing Hessian diagonal, pushing each
+    column's rounding error onto the not-yet-quantized columns through the Cholesky factor of H^-1."""
+    W = w.float().clone()
+    H = H.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = torch.argsort(torch.diag(H), descending=True)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.size(0), device=H.device)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    qmax = 2 ** (bits - 1) - 1
+    Q = torch.zeros_like(W)
+    for i1 in range(0, W.size(1), block):
+        i2 = min(i1 + block, W.size(1))
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = W1[:, i]
+            q = torch.clamp(torch.round(col / scale[:, 0]), -qmax, qmax)
+            Q[:, i1 + i] = q
+            err = (col - q * scale[:, 0]) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err[:, i] = err
+        W[:, i2:] -= Err @ Hinv[i1:i2, i2:]
+    return Q[:, torch.argsort(perm)]
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, batches, rt: Runtime) -> dict[str, Tensor]:
+    """H = X^T X of every quantized matrix's input over the calibration batches (summed across ranks).
+    The tied embedding, used as the output head, gets the Hessian of the final-norm output."""
+    hess, hooks = {}, []
+    for name, m in quantizable_modules(model):
+        if isinstance(m, CastedLinear):
+            def hook(mod, inp, name=name):
+                x = inp[0].detach().reshape(-1, inp[0].size(-1)).float()
+                hess[name] = hess.get(name, 0) + x.T @ x
+            hooks.append(m.register_forward_pre_hook(hook))
+    try:
+        for x, _ in batches:
+            with rt.autocast_ctx():
+                h = model.hidden(x)
+            if model.lm_head is None:
+                h = h.reshape(-1, h.size(-1)).float()
+                hess["tok_emb"] = hess.get("tok_emb", 0) + h.T @ h
+    finally:
+        for hk in hooks:
+            hk.remove()
+    for name in sorted(hess):
+        rt.all_reduce(hess[name])
+    return hess
+
+
+@torch.no_grad()
+def self_generated_batches(model: GPT, args: Hyperparameters, rt: Runtime, n_batches: int, seqs: int):
+    """Calibration text sampled from the model itself (temperature 1), starting at BOS."""
+    g = torch.Generator(device=rt.device).manual_seed(args.seed + 1000 * rt.rank)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.full((seqs, 1), BOS_ID, device=rt.device, dtype=torch.long)
+        for _ in range(args.train_seq_len - 1):
+            with rt.autocast_ctx():
+                logits = model.logits(model.hidden(ids)[:, -1])
+            nxt = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=g)
+            ids = torch.cat([ids, nxt], dim=1)
+        out.append((ids, None))
+    return out
+
+
+@dataclass
+class QTensor:
+    q: Tensor            # int8 values in [-qmax, qmax]
+    scale: Tensor        # fp16 per-row step
+    bits: int
+    lqer: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # int8 A, fp16 A scales, int8 B, fp16 B scales
+
+    def dequantize(self) -> Tensor:
+        w = self.q.float() * self.scale.float()
+        if self.lqer is not None:
+            qa, sa, qb, sb = self.lqer
+            w = w + (qa.float() * sa.float()) @ (qb.float() * sb.float())
+        return w
+
+
+def quantize_int8_absmax(x: Tensor) -> tuple[Tensor, Tensor]:
+    s = (x.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-7).half()
+    return torch.clamp(torch.round(x / s.float()), -127, 127).to(torch.int8), s
+
+
+def quantize_model(model: GPT, args: Hyperparameters, hessians: dict[str, Tensor],
+                   bits_override: dict | None = None) -> tuple[dict, dict]:
+    """State dict -> {name: QTensor or fp16 tensor}, plus the Hessian-weighted error of each
+    quantized tensor (the proxy used to place LQER and to choose what budget fitting lowers)."""
+    specs = {}
+    for name, m in quantizable_modules(model):
+        spec = quant_spec(name, m.weight.numel(), args, bits_override)
+        if spec:
+            specs[name + ".weight"] = (name, spec)
+    out, errors = {}, {}
+    for key, t in model.state_dict().items():
+        if key not in specs:
+            out[key] = t.detach().to(torch.float16 if t.is_floating_point() else t.dtype).cpu()
+            continue
+        name, (bits, clip) = specs[key]
+        w = t.detach().float()
+        scale = row_scales(w, bits, clip, args.clip_search)
+        H = hessians.get(name)
+        if args.quant == "gptq" and H is not None:
+            q = gptq_quantize(w, H.to(w.device), scale, bits, args.gptq_damp, args.gptq_block_size)
+        else:
+            q = quantize_rtn(w, scale, bits)
+        E = w - q * scale
+        errors[key] = float((E @ H.to(w.device) * E).sum()) if H is not None else float(E.square().sum())
+        out[key] = QTensor(q.to(torch.int8).cpu(), scale.half().cpu(), bits)
+    if args.lqer_rank > 0:
+        for key in sorted(errors, key=errors.get, reverse=True)[:args.lqer_top_k]:
+            qt, w = out[key], model.state_dict()[key].detach().float().cpu()
+            U, S, Vh = torch.linalg.svd(w - qt.dequantize(), full_matrices=False)
+            r = min(args.lqer_rank, S.numel())
+            qa, sa = quantize_int8_absmax(U[:, :r] * S[:r])
+            qb, sb = quantize_int8_absmax(Vh[:r])
+            qt.lqer = (qa, sa, qb, sb)
+    return out, errors
+
+
+def estimate_quantized_bits(bits: int, clip_sigmas: float) -> float:
+    """Entropy (bits/value) of a Gaussian row rounded with step k*std/qmax: log2(qmax/k) + 2.05."""
+    return min(float(bits), max(1.0, math.log2((2 ** (bits - 1) - 1) / max(clip_sigmas, 1e-3)) + 2.05))
+
+
+def estimate_artifact_bytes(model: GPT, args: Hyperparameters, code_bytes: int) -> int:
+    """Pre-flight size estimate: entropy-coded quantized values + fp16 row scales + fp16 small tensors."""
+    total, quantized = code_bytes, set()
+    for name, m in quantizable_modules(model):
+        spec = quant_spec(name, m.weight.numel(), args)
+        if spec:
+            total += m.weight.numel() * estimate_quantized_bits(*spec) / 8 + 2 * m.weight.size(0)
+            quantized.add(id(m.weight))
+    total += sum(2 * p.numel() for p in model.parameters() if id(p) not in quantized)
+    return int(total)
+
+
+# -----------------------------------------------------------------------------
+# ARTIFACT FORMAT AND COMPRESSION
+# -----------------------------------------------------------------------------
+# File: MAGIC | u16 version | u8 n + compressor name | u64 payload length | sha256(payload) | payload.
+# Payload (compressed): u32 n + JSON header (config, tensor table) | blob of packed tensors.
+
+COMPRESSOR_PACKAGES = {"zstd": "zstandard", "brotli": "brotli", "lzma": "lzma"}
+MAX_LEVELS = {"zstd": 22, "brotli": 11, "lzma": 9}
+
+
+def compressor(name: str):
+    """(compress(data, level), decompress(data)) for a real library; a missing one is an error."""
+    try:
+        if name == "zstd":
+            import zstandard
+            return (lambda b, lvl: zstandard.ZstdCompressor(level=lvl).compress(b),
+                    lambda b: zstandard.ZstdDecompressor().decompress(b))
+        if name == "brotli":
+            import brotli
+            return lambda b, lvl: brotli.compress(b, quality=lvl), brotli.decompress
+        if name == "lzma":
+            import lzma
+            return lambda b, lvl: lzma.compress(b, preset=lvl | lzma.PRESET_EXTREME), lzma.decompress
+    except ImportError:
+        raise RuntimeError(f"compressor {name} needs the Python package '{COMPRESSOR_PACKAGES[name]}' "
+                           f"(pip install {COMPRESSOR_PACKAGES[name]})") from None
+    raise ValueError(f"unknown compressor {name!r}")
+
+
+def pack_bits(values: np.ndarray, bits: int) -> bytes:
+    """Unsigned values < 2**bits -> a dense little bit-stream (bits per value, not 8)."""
+    if bits == 8:
+        return values.astype(np.uint8).tobytes()
+    planes = np.unpackbits(values.astype(np.uint8)[:, None], axis=1, bitorder="little")[:, :bits]
+    return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
+
+
+def unpack_bits(data: bytes, bits: int, n: int) -> np.ndarray:
+    if bits == 8:
+        return np.frombuffer(data, dtype=np.uint8, count=n)
+    planes = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")[:n * bits].reshape(n, bits)
+    return np.packbits(planes, axis=1, bitorder="little").reshape(n)
+
+
+def shuffle_fp16(t: Tensor) -> bytes:
+    """fp16 bytes grouped as all low bytes then all high bytes, which compresses better."""
+    b = t.reshape(-1).contiguous().view(torch.int16).numpy().view(np.uint8).reshape(-1, 2)
+    return b.T.tobytes()
+
+
+def unshuffle_fp16(data: bytes, shape) -> Tensor:
+    b = np.frombuffer(data, dtype=np.uint8).reshape(2, -1).T.copy()
+    return torch.from_numpy(b.view(np.int16).reshape(shape)).view(torch.float16)
+
+
+def serialize_state(qstate: dict, meta: dict, pack: bool) -> bytes:
+    blob, table = io.BytesIO(), []
+
+    def put(data: bytes) -> list[int]:
+        start = blob.tell()
+        blob.write(data)
+        return [start, len(data)]
+
+    for name, t in qstate.items():
+        if isinstance(t, QTensor):
+            qmax = 2 ** (t.bits - 1) - 1
+            vals = (t.q.numpy().astype(np.int16) + qmax).reshape(-1)
+            entry = dict(name=name, kind="q", shape=list(t.q.shape), bits=t.bits, packed=pack,
+                         q=put(pack_bits(vals, t.bits) if pack else vals.astype(np.uint8).tobytes()),
+                         scale=put(shuffle_fp16(t.scale)))
+            if t.lqer is not None:
+                qa, sa, qb, sb = t.lqer
+                entry["lqer"] = dict(rank=qa.size(1), a=put(qa.numpy().tobytes()), sa=put(shuffle_fp16(sa)),
+                                     b=put(qb.numpy().tobytes()), sb=put(shuffle_fp16(sb)))
+        elif t.dtype == torch.float16:
+            entry = dict(name=name, kind="fp16", shape=list(t.shape), data=put(shuffle_fp16(t)))
+        else:
+            entry = dict(name=name, kind="raw", dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
+                         data=put(t.numpy().tobytes()))
+        table.append(entry)
+    header = json.dumps(dict(meta, tensors=table), separators=(",", ":")).encode()
+    return struct.pack("<I", len(header)) + header + blob.getvalue()
+
+
+def deserialize_state(payload: bytes) -> tuple[dict, dict]:
+    (n,) = struct.unpack_from("<I", payload)
+    meta = json.loads(payload[4:4 + n])
+    blob = memoryview(payload)[4 + n:]
+    get = lambda span: bytes(blob[span[0]:span[0] + span[1]])
+    state = {}
+    for e in meta.pop("tensors"):
+        shape = e["shape"]
+        if e["kind"] == "q":
+            numel, qmax = math.prod(shape), 2 ** (e["bits"] - 1) - 1
+            raw = get(e["q"])
+            vals = unpack_bits(raw, e["bits"], numel) if e["packed"] else np.frombuffer(raw, dtype=np.uint8)
+            q = torch.from_numpy(vals.astype(np.int16) - qmax).to(torch.int8).view(shape)
+            t = QTensor(q, unshuffle_fp16(get(e["scale"]), (shape[0], 1)), e["bits"])
+            if "lqer" in e:
+                lq, r = e["lqer"], e["lqer"]["rank"]
+                a = torch.frombuffer(bytearray(get(lq["a"])), dtype=torch.int8).view(shape[0], r)
+                b = torch.frombuffer(bytearray(get(lq["b"])), dtype=torch.int8).view(r, shape[1])
+                t.lqer = (a, unshuffle_fp16(get(lq["sa"]), (shape[0], 1)), b, unshuffle_fp16(get(lq["sb"]), (r, 1)))
+            state[e["name"]] = t.dequantize()
+        elif e["kind"] == "fp16":
+            state[e["name"]] = unshuffle_fp16(get(e["data"]), shape).float()
+        else:
+            state[e["name"]] = torch.frombuffer(bytearray(get(e["data"])), dtype=getattr(torch, e["dtype"])).view(shape)
+    return meta, state
+
+
+def compress_payload(raw: bytes, name: str, level: int, rt: Runtime) -> tuple[str, bytes]:
+    """Compress with one compressor, or with each (auto) keeping the smallest; logs each candidate."""
+    best = None
+    for cand in (("zstd", "brotli", "lzma") if name == "auto" else (name,)):
+        t0 = time.perf_counter()
+        lvl = MAX_LEVELS[cand] if level < 0 else min(level, MAX_LEVELS[cand])
+        data = compressor(cand)[0](raw, lvl)
+        rt.log(f"compress candidate:{cand} level:{lvl} bytes:{len(data)} seconds:{time.perf_counter() - t0:.2f}")
+        if best is None or len(data) < len(best[1]):
+            best = (cand, data)
+    return best
+
+
+def write_artifact(path: str, comp_name: str, data: bytes):
+    with open(path, "wb") as f:
+        f.write(ARTIFACT_MAGIC + struct.pack("<HB", ARTIFACT_VERSION, len(comp_name)) + comp_name.encode())
+        f.write(struct.pack("<Q", len(data)) + hashlib.sha256(data).digest() + data)
+
+
+def read_artifact(path: str) -> tuple[dict, dict]:
+    """(meta, float state dict) from an artifact; every kind of damage is a clear error."""
+    with open(path, "rb") as f:
+        buf = f.read()
+    if buf[:len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
+        raise ValueError(f"{path}: not a Parameter Golf artifact (bad magic)")
+    pos = len(ARTIFACT_MAGIC)
+    if len(buf) < pos + 3:
+        raise ValueError(f"{path}: truncated artifact header")
+    version, n = struct.unpack_from("<HB", buf, pos)
+    if version != ARTIFACT_VERSION:
+        raise ValueError(f"{path}: artifact format version {version}, this script reads version {ARTIFACT_VERSION}")
+    pos += 3
+    comp_name = buf[pos:pos + n].decode(errors="replace")
+    pos += n
+    if len(buf) < pos + 40:
+        raise ValueError(f"{path}: truncated artifact header")
+    (length,) = struct.unpack_from("<Q", buf, pos)
+    digest, data = buf[pos + 8:pos + 40], buf[pos + 40:]
+    if len(data) != length:
+        raise ValueError(f"{path}: truncated or padded artifact: header promises {length} payload bytes, file has {len(data)}")
+    if hashlib.sha256(data).digest() != digest:
+        raise ValueError(f"{path}: checksum mismatch, the artifact is corrupt")
+    if comp_name not in COMPRESSOR_PACKAGES:
+        raise ValueError(f"{path}: unknown compressor {comp_name!r} in artifact header")
+    meta, state = deserialize_state(compressor(comp_name)[1](data))
+    return dict(meta, compressor=comp_name), state
+
+
+# -----------------------------------------------------------------------------
+# EVALUATION (standard, sliding window, score-first TTT)
+# -----------------------------------------------------------------------------
+# Target j is token j predicted from tokens[:j]; a stream of N tokens has targets 1..N-1. A window
+# (s, e, a) feeds tokens[s:e] and scores targets a..e, never more than once across a plan.
+
+
+def plan_windows(first: int, last: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows scoring every target in [first, last] exactly once. Each window is as long as
+    possible (seq_len) and scores only targets no earlier window scored, so every scored token
+    sees at least seq_len - stride tokens of context (or all there is). stride == seq_len gives
+    the standard non-overlapping evaluation; the tail is scored, not dropped."""
+    windows = []
+    if first > last:
+        return windows
+    a, e = first, min(max(first - 1 + stride, seq_len), last)
+    while True:
+        windows.append((max(0, e - seq_len), e, a))
+        if e == last:
+            return windows
+        a, e = e + 1, min(e + stride, last)
+
+
+@dataclass
+class EvalResult:
+    nll: float
+    tokens: int
+    bytes: int
+    ms: float
+
+    @property
+    def val_loss(self) -> float:
+        return self.nll / max(self.tokens, 1)
+
+    @property
+    def val_bpb(self) -> float:
+        return self.nll / math.log(2) / max(self.bytes, 1)
+
+    def line(self, label: str) -> str:
+        return (f"{label} val_loss:{self.val_loss:.8f} val_bpb:{self.val_bpb:.8f} tokens:{self.tokens} "
+                f"bytes:{self.bytes} eval_ms:{self.ms:.0f}")
+
+
+class Evaluator:
+    """Scores planned windows in batches split across ranks; sums are float64 and all-reduced, so
+    the result does not depend on the world size."""
+
+    def __init__(self, model: GPT, tokens: Tensor, luts, args: Hyperparameters, rt: Runtime):
+        self.model, self.tokens, self.luts, self.args, self.rt = model, tokens, luts, args, rt
+        self.nll_fn = torch.compile(model.token_nll) if rt.compile else model.token_nll
+        self.totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
+
+    def batch(self, windows, seq_len: int):
+        """Inputs, targets and score mask (B, seq_len); short windows are right-padded (causality
+        makes the padding invisible to real positions)."""
+        x = torch.zeros(len(windows), seq_len, dtype=torch.long)
+        y = torch.zeros_like(x)
+        mask = torch.zeros_like(x, dtype=torch.bool)
+        for i, (s, e, a) in enumerate(windows):
+            n = e - s
+            x[i, :n] = self.tokens[s:e]
+            y[i, :n] = self.tokens[s + 1:e + 1]
+            mask[i, a - s - 1:n] = True
+        d = self.rt.device
+        return x.to(d), y.to(d), mask.to(d)
+
+    @torch.no_grad()
+    def score(self, windows, batch_seqs: int, label: str = "", token_losses: Tensor | None = None):
+        """Add the scores of `windows` to the running totals (this rank's share of the batches)."""
+        rt, seq_len = self.rt, self.args.eval_seq_len
+        batches = [windows[i:i + batch_seqs] for i in range(0, len(windows), batch_seqs)]
+        mine = batches[rt.rank::rt.world_size]
+        t0, last_log = time.perf_counter(), time.perf_counter()
+        for k, group in enumerate(mine):
+            if rt.compile and len(group) < batch_seqs:  # one static shape, one compiled graph
+                group = group + [(0, 1, 2)] * (batch_seqs - len(group))
+            x, y, mask = self.batch(group, seq_len)
+            with rt.autocast_ctx():
+                nll = self.nll_fn(x, y).double()
+            nbytes = target_bytes(x, y, tuple(t.to(x.device) for t in self.luts))
+            self.totals += torch.stack([nll[mask].sum(), mask.sum().double(), nbytes[mask].sum().double()])
+            if token_losses is not None:
+                rows, cols = mask.nonzero(as_tuple=True)
+                starts = torch.tensor([w[0] for w in group], device=x.device)
+                token_losses[(starts[rows] + cols + 1).cpu()] = nll[rows, cols].cpu()
+            if label and time.perf_counter() - last_log > 30:
+                last_log = time.perf_counter()
+                log_progress(rt, label, k + 1, len(mine), t0)
+
+    def result(self, t0: float) -> EvalResult:
+        totals = self.rt.all_reduce(self.totals.clone())
+        self.totals.zero_()
+        return EvalResult(float(totals[0]), int(totals[1]), int(totals[2]), 1000 * (time.perf_counter() - t0))
+
+
+def log_progress(rt: Runtime, phase: str, done: int, total: int, t0: float):
+    elapsed = time.perf_counter() - t0
+    eta = elapsed / max(done, 1) * (total - done)
+    rt.log(f"progress phase:{phase} done:{done} total:{total} elapsed_s:{elapsed:.1f} eta_s:{eta:.1f}")
+
+
+def evaluate(model: GPT, val_tokens: Tensor, luts, args: Hyperparameters, rt: Runtime, stride: int,
+             label: str = "") -> EvalResult:
+    """Standard (stride == EVAL_SEQ_LEN) or sliding-window evaluation of the whole stream."""
+    t0 = time.perf_counter()
+    model.eval()
+    ev = Evaluator(model, val_tokens, luts, args, rt)
+    seq_len = args.eval_seq_len
+    batch_seqs = args.eval_batch_seqs if stride < seq_len else max(1, args.val_batch_size // (seq_len * rt.world_size))
+    ev.score(plan_windows(1, val_tokens.numel() - 1, seq_len, stride), batch_seqs, label)
+    model.train()
+    return ev.result(t0)
+
+
+def ttt_parameters(model: GPT, args: Hyperparameters) -> list[nn.Parameter]:
+    """What TTT adapts; `lora` first attaches fresh adapters to every block matrix."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if args.ttt_params == "lora":
+        for m in model.blocks.modules():
+            if isinstance(m, CastedLinear):
+                m.lora = LoRA(m.weight.size(1), m.weight.size(0), args.ttt_lora_rank, m.weight.device)
+        params = [p for m in model.modules() if isinstance(m, LoRA) for p in m.parameters()]
+    elif args.ttt_params == "norms":
+        params = [p for p in model.parameters() if p.ndim < 2]
+    elif args.ttt_params == "last_k":
+        params = [p for b in model.blocks[-args.ttt_last_k:] for p in b.parameters()]
+    else:
+        params = list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def ttt_train_chunk(model: GPT, nll_fn, tokens: Tensor, a: int, b: int, params, opt, args, rt):
+    """One pass over targets a..b (all already scored): sequences split across ranks, gradients
+    summed and normalised by the global token count so every world size takes the same step."""
+    L = args.eval_seq_len
+    seqs = [(s, min(s + L, b)) for s in range(a - 1, b, L)]
+    for i in range(0, len(seqs), args.ttt_batch_seqs):
+        group = seqs[i:i + args.ttt_batch_seqs]
+        n_global = sum(e - s for s, e in group)
+        mine = group[rt.rank::rt.world_size]
+        opt.zero_grad(set_to_none=False)
+        if mine:
+            x = torch.zeros(len(mine), L, dtype=torch.long)
+            y = torch.zeros_like(x)
+            mask = torch.zeros(len(mine), L)
+            for r, (s, e) in enumerate(mine):
+                x[r, :e - s], y[r, :e - s], mask[r, :e - s] = tokens[s:e], tokens[s + 1:e + 1], 1
+            x, y, mask = x.to(rt.device), y.to(rt.device), mask.to(rt.device)
+            with rt.autocast_ctx():
+                loss = (nll_fn(x, y) * mask).sum() / n_global
+            loss.backward()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            rt.all_reduce(p.grad)
+        if args.ttt_grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.ttt_grad_clip)
+        opt.step()
+
+
+def evaluate_ttt(model: GPT, val_tokens: Tensor, luts, args: Hyperparameters, rt: Runtime, eval_t0: float,
+                 token_losses: Tensor | None = None) -> EvalResult:
+    """Score-first TTT: each chunk is scored with the current weights (its losses are final), then
+    trained on; the last chunk is never trained on. When the eval budget would be overrun, adapting
+    stops and the remaining chunks are only scored."""
+    t0 = time.perf_counter()
+    ev = Evaluator(model, val_tokens, luts, args, rt)
+    params = ttt_parameters(model, args)
+    nll_fn = torch.compile(model.token_nll) if rt.compile else model.token_nll
+    if args.ttt_optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
+    else:
+        opt = torch.optim.AdamW(params, lr=args.ttt_lr, betas=(args.ttt_momentum, 0.999), weight_decay=0.0)
+    last = val_tokens.numel() - 1
+    stride = args.eval_stride or args.eval_seq_len
+    chunks = [(a, min(a + args.ttt_chunk_tokens - 1, last)) for a in range(1, last + 1, args.ttt_chunk_tokens)]
+    adapting, score_s, train_s = True, 0.0, 0.0
+    for ci, (a, b) in enumerate(chunks):
+        ts = time.perf_counter()
+        model.eval()
+        ev.score(plan_windows(a, b, args.eval_seq_len, stride), args.eval_batch_seqs, token_losses=token_losses)
+        score_s += time.perf_counter() - ts
+        if ci == len(chunks) - 1 or not adapting:
+            continue
+        left = len(chunks) - ci - 1
+        need = left * score_s / (ci + 1) + (train_s / ci if ci else score_s / (ci + 1))
+        over = torch.tensor(float(time.perf_counter() - eval_t0 + need > args.eval_max_seconds), device=rt.device)
+        if rt.all_reduce(over, dist.ReduceOp.MAX).item():
+            adapting = False
+            rt.log(f"ttt_stopped_adapting chunk:{ci}/{len(chunks)} reason:eval_budget "
+                   f"elapsed_s:{time.perf_counter() - eval_t0:.1f} limit_s:{args.eval_max_seconds:.0f}")
+            continue
+        ts = time.perf_counter()
+        model.train()
+        for g in opt.param_groups:
+            g["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / (len(chunks) - 1)))
+        for _ in range(args.ttt_epochs):
+            ttt_train_chunk(model, nll_fn, val_tokens, a, b, params, opt, args, rt)
+        train_s += time.perf_counter() - ts
+        if (ci + 1) % max(1, len(chunks) // 10) == 0:
+            log_progress(rt, "ttt", ci + 1, len(chunks), t0)
+    model.eval()
+    return ev.result(t0)
+
+
+# -----------------------------------------------------------------------------
+# TRAINING
+# -----------------------------------------------------------------------------
+
+
+def setup_late_qat(model: GPT, args: Hyperparameters):
+    """Give every weight the export will quantize its fake-quantizer (off until switched on)."""
+    for name, m in quantizable_modules(model):
+        spec = quant_spec(name, m.weight.numel(), args)
+        if spec:
+            m.init_qat(*spec, args.clip_search)
+
+
+def set_late_qat(model: GPT, on: bool):
+    for _, m in quantizable_modules(model):
+        if getattr(m, "qat", None) is not None:
+            m.qat_alpha.fill_(float(on))
+
+
+class WeightAverager:
+    """fp32 EMA of the weights and/or SWA snapshots (of the raw weights, or of the EMA for ema+swa)."""
+
+    def __init__(self, model: GPT, args: Hyperparameters):
+        self.args, self.mode = args, args.averaging
+        self.params = [p for p in model.state_dict().values() if p.is_floating_point()]
+        self.ema = [p.detach().float().clone() for p in self.params] if "ema" in self.mode else None
+        self.swa_sum, self.swa_n, self.ema_n = None, 0, 0
+
+    @torch.no_grad()
+    def update(self, step: int, progress: float):
+        a = self.args
+        if self.ema is not None and step % a.ema_every == 0:
+            torch._foreach_lerp_(self.ema, [p.float() for p in self.params], 1 - a.ema_decay)
+            self.ema_n += 1
+        if "swa" in self.mode and progress >= a.swa_start_frac and step % a.swa_every == 0:
+            src = self.ema if self.mode == "ema+swa" else [p.float() for p in self.params]
+            if self.swa_sum is None:
+                self.swa_sum = [t.clone() for t in src]
+            else:
+                torch._foreach_add_(self.swa_sum, src)
+            self.swa_n += 1
+
+    @torch.no_grad()
+    def apply(self, model: GPT, rt: Runtime) -> str:
+        """Load the averaged weights into the model; returns what was exported, truthfully."""
+        if "swa" in self.mode and self.swa_n == 0:
+            rt.log(f"warning: AVERAGING={self.mode} but no SWA snapshot was taken (SWA_START_FRAC not reached)")
+        if "swa" in self.mode and self.swa_n:
+            src, used = [t / self.swa_n for t in self.swa_sum], self.mode
+        elif self.ema is not None:
+            src, used = self.ema, "ema"
+        else:
+            src, used = None, "none"
+        if src is not None:
+            for p, s in zip(self.params, src):
+                p.copy_(s)
+        rt.log(f"averaging exported:{used} ema_updates:{self.ema_n} swa_snapshots:{self.swa_n}")
+        return used
+
+
+def all_reduce_grads(params: list[Tensor], rt: Runtime):
+    if rt.world_size == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.AVG if rt.device.type == "cuda" else dist.ReduceOp.SUM)
+    if rt.device.type != "cuda":  # gloo has no AVG
+        flat /= rt.world_size
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(p)
+        offset += g.numel()
+
+
+def train_step(model_fn, model: GPT, opts, micro_batches, args: Hyperparameters, rt: Runtime) -> Tensor:
+    total = torch.zeros((), device=rt.device)
+    for x, y in micro_batches:
+        with rt.autocast_ctx():
+            loss = model_fn(x, y)
+        (loss / len(micro_batches)).backward()
+        total += loss.detach()
+    params = list(model.parameters())
+    all_reduce_grads(params, rt)
+    if args.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip_norm)
+    for opt in opts:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return total / len(micro_batches)
+
+
+def grad_accum_steps(args: Hyperparameters, rt: Runtime) -> int:
+    accum = args.grad_accum_steps or (8 // rt.world_size if 8 % rt.world_size == 0 else 1)
+    if args.train_batch_tokens % (rt.world_size * accum * args.train_seq_len):
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} is not divisible by world_size {rt.world_size} "
+                          f"x GRAD_ACCUM_STEPS {accum} x TRAIN_SEQ_LEN {args.train_seq_len}")
+    return accum
+
+
+def prime_compile(model: GPT, model_fn, args: Hyperparameters, rt: Runtime, loader: TrainLoader):
+    """Run WARMUP_STEPS real steps so compilation (of both the plain and the looped graph) happens
+    before the clock starts, then restore the initial weights; optimizers are rebuilt by the caller."""
+    if args.warmup_steps == 0:
+        return
+    t0 = time.perf_counter()
+    initial = copy.deepcopy(model.state_dict())
+    opts = build_optimizers(model, args, rt)
+    for i in range(args.warmup_steps):
+        model.looping = args.num_loops > 1 and i >= args.warmup_steps // 2
+        train_step(model_fn, model, opts, loader.next_batch(), args, rt)
+    model.load_state_dict(initial)
+    model.looping = False
+    rt.sync()
+    rt.log(f"warmup steps:{args.warmup_steps} ms:{1000 * (time.perf_counter() - t0):.0f} (compile priming, weights restored)")
+
+
+def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | None, luts) -> dict:
+    accum = grad_accum_steps(args, rt)
+    model_fn = torch.compile(model) if rt.compile else model
+    prime_compile(model, model_fn, args, rt, TrainLoader(args, rt, accum))
+    loader = TrainLoader(args, rt, accum)
+    opts = build_optimizers(model, args, rt)
+    averager = WeightAverager(model, args)
+    qat_on = False
+    train_ms, step, step_ms = 0.0, 0, 0.0
+    budget_ms = (args.max_wallclock_seconds - args.gptq_reserve_seconds) * 1000 if args.max_wallclock_seconds > 0 else math.inf
+    rt.sync()
+    t0 = time.perf_counter()
+    while True:
+        last = step == args.iterations
+        if val_tokens is not None and args.val_loss_every and step > 0 and (last or step % args.val_loss_every == 0):
+            rt.sync()
+            train_ms += 1000 * (time.perf_counter() - t0)
+            r = evaluate(model, val_tokens, luts, args, rt, args.eval_seq_len)
+            rt.log(f"step:{step}/{args.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
+                   f"train_time:{train_ms:.0f} step_avg:{train_ms / max(step, 1):.2f}")
+            t0 = time.perf_counter()
+        if last:
+            break
+        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        progress = training_progress(args, step, elapsed)
+        if args.num_loops > 1 and not model.looping and progress >= args.enable_looping_at:
+            model.looping = True
+            rt.log(f"looping_enabled step:{step} train_time:{elapsed:.0f} layers:{','.join(map(str, model.layer_order()))}")
+        scale = lr_scale(args, step, progress, warmdown_fraction(args, step_ms))
+        if args.late_qat_threshold > 0 and not qat_on and scale < args.late_qat_threshold:
+            set_late_qat(model, True)
+            qat_on = True
+            rt.log(f"late_qat_enabled step:{step} lr_scale:{scale:.4f}")
+        mom_frac = min(1.0, step / args.muon_momentum_warmup_steps) if args.muon_momentum_warmup_steps else 1.0
+        for opt in opts:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * scale
+                if isinstance(opt, Muon):
+                    g["momentum"] = (1 - mom_frac) * args.muon_momentum_warmup_start + mom_frac * args.muon_momentum
+        loss = train_step(model_fn, model, opts, loader.next_batch(), args, rt)
+        step += 1
+        averager.update(step, progress)
+        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        step_ms = elapsed / step
+        if step % args.train_log_every == 0 or step == args.iterations:
+            loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
+            rt.log(f"step:{step}/{args.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f} "
+                   f"step_avg:{step_ms:.2f} tok_s:{args.train_batch_tokens / step_ms * 1000:.0f}")
+        stop = torch.tensor(float(elapsed >= budget_ms), device=rt.device)
+        if rt.all_reduce(stop, dist.ReduceOp.MAX).item():
+            rt.log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f} step:{step}/{args.iterations}")
+            break
+    rt.sync()
+    train_ms += 1000 * (time.perf_counter() - t0)
+    exported = averager.apply(model, rt)
+    return dict(steps=step, train_ms=train_ms, loader=loader, averaging=exported)
+
+
+# -----------------------------------------------------------------------------
+# EXPORT, ROUND TRIP AND MAIN
+# -----------------------------------------------------------------------------
+
+
+def calibration_batches(model: GPT, args: Hyperparameters, rt: Runtime, loader: TrainLoader):
+    """Training data the model has not yet seen (never validation data), or self-generated text."""
+    if args.gptq_calibration == "selfgen":
+        seqs = max(1, args.train_batch_tokens // (args.train_seq_len * rt.world_size * loader.grad_accum))
+        return self_generated_batches(model, args, rt, args.gptq_calibration_batches, seqs)
+    batches = []
+    while len(batches) < args.gptq_calibration_batches:
+        batches.extend(loader.next_batch())
+    return batches[:args.gptq_calibration_batches]
+
+
+def bits_to_lower(model: GPT, args: Hyperparameters, errors: dict, override: dict, excess: int) -> list[tuple[str, int, int]]:
+    """Tensors whose precision costs least to lower by one bit (Hessian-weighted error added per
+    estimated byte saved), until the estimated saving covers the excess."""
+    cands = []
+    for name, m in quantizable_modules(model):
+        spec = quant_spec(name, m.weight.numel(), args, override)
+        if spec and spec[0] > 2:
+            bits, clip = spec
+            saved = m.weight.numel() * (estimate_quantized_bits(bits, clip) - estimate_quantized_bits(bits - 1, clip)) / 8
+            # rounding error variance grows ~4x per bit removed
+            cands.append((3 * errors[name + ".weight"] / max(saved, 1.0), name, bits, saved))
+    chosen, total = [], 0.0
+    for _, name, bits, saved in sorted(cands):
+        if total >= 1.1 * excess:
+            break
+        chosen.append((name, bits, bits - 1))
+        total += saved
+    return chosen
+
+
+def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime, hessians: dict, code_bytes: int, path: str) -> str:
+    """Quantize, pack, compress and write the artifact (rank 0), lowering bits where it costs least
+    until code + model fit ARTIFACT_BUDGET. Returns the compressor used."""
+    override = {}
+    meta = dict(config=args.model_config(), looping=model.looping)
+    for attempt in range(8):
+        t0 = time.perf_counter()
+        qstate, errors = quantize_model(model, args, hessians, override)
+        rt.log(f"quantize method:{args.quant} tensors:{len(errors)} lqer:{min(args.lqer_top_k, len(errors)) if args.lqer_rank else 0} "
+               f"seconds:{time.perf_counter() - t0:.2f}")
+        raw = serialize_state(qstate, dict(meta, bits={k: v.bits for k, v in qstate.items() if isinstance(v, QTensor)}), args.pack_bits)
+        comp, data = compress_payload(raw, args.compressor, args.compression_level, rt)
+        total = code_bytes + len(data) + 51 + len(comp)
+        if total <= args.artifact_budget:
+            break
+        lower = bits_to_lower(model, args, errors, override, total - args.artifact_budget)
+        if not lower:
+            break
+        for name, old, new in lower:
+            override[name] = new
+            rt.log(f"budget_fit tensor:{name} bits:{old}->{new} over_by:{total - args.artifact_budget}")
+    write_artifact(path, comp, data)
+    return comp
+
+
+def model_from_artifact(meta: dict, state: dict, args: Hyperparameters, rt: Runtime, backend: str) -> GPT:
+    model = GPT(args, backend).to(rt.device)
+    model.load_state_dict({k: v.to(rt.device) for k, v in state.items()}, strict=True)
+    model.looping = meta["looping"]
+    return model
+
+
+def final_evaluations(model: GPT, val_tokens: Tensor, luts, args: Hyperparameters, rt: Runtime, eval_t0: float) -> tuple[str, EvalResult]:
+    """final_roundtrip, then final_sliding and final_ttt when enabled; returns the run's score."""
+    L = args.eval_seq_len
+    label, result = "final_roundtrip", evaluate(model, val_tokens, luts, args, rt, L, "roundtrip")
+    rt.log(result.line(label))
+    if 0 < args.eval_stride < L:
+        label, result = "final_sliding", evaluate(model, val_tokens, luts, args, rt, args.eval_stride, "sliding")
+        rt.log(result.line(label))
+    if args.ttt_enabled:
+        label, result = "final_ttt", evaluate_ttt(model, val_tokens, luts, args, rt, eval_t0)
+        rt.log(result.line(label))
+    return label, result
+
+
+def peak_memory_mib(rt: Runtime) -> float:
+    if rt.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(rt.device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def adopt_artifact_config(args: Hyperparameters, meta: dict) -> None:
+    """EVAL_ONLY: the model shape comes from the artifact; env vars that disagree are an error."""
+    cfg = meta["config"]
+    clash = [f"{n}={getattr(args, n.lower())} (artifact: {cfg[n]})" for n in MODEL_KNOBS
+             if args.sources[n] == "env" and getattr(args, n.lower()) != cfg[n]]
+    if clash:
+        raise ConfigError("EVAL_ONLY artifact was trained with a different model: " + ", ".join(clash))
+    for n in MODEL_KNOBS:
+        setattr(args, n.lower(), cfg[n])
+    args.ve_layer_ids = args.parse_layer_list("VE_LAYERS", args.ve_layers) if args.ve_dim else []
+
+
+def main():
+    args = Hyperparameters()
+    rt = setup_runtime(args)
+    log_run_header(rt, args)
+    luts = build_byte_luts(load_tokenizer(args.tokenizer_path, args.vocab_size), args.vocab_size)
+    backend, reason = select_attention_backend(args.attn_backend, rt.device)
+    rt.log(f"attention_backend:{backend} reason:{reason}")
+    _, code_bytes, _ = code_identity()
+    path = args.artifact_path or f"logs/{args.run_id}.pgart"
+    train_ms = 0.0
+    if args.eval_only:
+        path = args.eval_only
+        eval_t0 = time.perf_counter()
+    else:
+        torch.manual_seed(args.seed)
+        model = GPT(args, backend).to(rt.device)
+        if args.late_qat_threshold > 0:
+            setup_late_qat(model, args)
+        est = estimate_artifact_bytes(model, args, code_bytes)
+        rt.log(f"model_params:{sum(p.numel() for p in model.parameters())} est_artifact_bytes:{est}")
+        if est > args.artifact_budget:
+            rt.log(f"warning: estimated artifact {est} bytes exceeds ARTIFACT_BUDGET={args.artifact_budget}; export will lower bits")
+        val_tokens = load_validation_tokens(args.data_path, args.vocab_size) if args.val_loss_every else None
+        stats = train(model, args, rt, val_tokens, luts)
+        t0 = time.perf_counter()
+        set_late_qat(model, False)
+        hessians = {}
+        if args.quant == "gptq":
+            hessians = collect_hessians(model, calibration_batches(model, args, rt, stats["loader"]), rt)
+        calib_s = time.perf_counter() - t0
+        rt.log(f"gptq_calibration seconds:{calib_s:.2f} batches:{args.gptq_calibration_batches if hessians else 0} "
+               f"source:{args.gptq_calibration if hessians else 'none'}")
+        if rt.master:
+            export_artifact(model, args, rt, hessians, code_bytes, path)
+        rt.barrier()
+        export_s = time.perf_counter() - t0
+        train_ms = stats["train_ms"] + 1000 * export_s
+        if export_s > args.gptq_reserve_seconds:
+            rt.log(f"warning: calibration+export took {export_s:.1f}s, more than GPTQ_RESERVE_SECONDS={args.gptq_reserve_seconds}")
+        rt.log(f"train_total steps:{stats['steps']} train_ms:{stats['train_ms']:.0f} export_ms:{1000 * export_s:.0f} total_ms:{train_ms:.0f}")
+        eval_t0 = time.perf_counter()
+        val_tokens = val_tokens if val_tokens is not None else load_validation_tokens(args.data_path, args.vocab_size)
+        rt.log(evaluate(model, val_tokens, luts, args, rt, args.eval_seq_len, "prequant").line("final_prequant"))
+        del model
+    t0 = time.perf_counter()
+    meta, state = read_artifact(path)
+    if args.eval_only:
+        adopt_artifact_config(args, meta)
+    model = model_from_artifact(meta, state, args, rt, backend)
+    rt.log(f"artifact_loaded path:{path} load_ms:{1000 * (time.perf_counter() - t0):.0f}")
+    bytes_model = os.path.getsize(path)
+    total = code_bytes + bytes_model
+    rt.log(f"artifact path:{path} bytes_code:{code_bytes} bytes_model:{bytes_model} bytes_total:{total} "
+           f"limit:{args.artifact_budget} compressor:{meta['compressor']}")
+    if total > args.artifact_budget:
+        rt.log(f"error: artifact_over_budget bytes_total:{total} limit:{args.artifact_budget}")
+    val_tokens = load_validation_tokens(args.data_path, args.vocab_size)
+    label, result = final_evaluations(model, val_tokens, luts, args, rt, eval_t0)
+    eval_ms = 1000 * (time.perf_counter() - eval_t0)
+    rt.log(f"eval_time total_ms:{eval_ms:.0f} limit_ms:{1000 * args.eval_max_seconds:.0f}")
+    rt.log(f"peak_mem_mib:{peak_memory_mib(rt):.0f}")
+    rt.log(f"final_result label:{label} val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f} "
+           f"bytes_total:{total} train_time_ms:{train_ms:.0f} eval_time_ms:{eval_ms:.0f}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if total > args.artifact_budget:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
