@@ -149,7 +149,7 @@ KNOBS = [
     K("GPTQ_DAMP", 0.01, float, "GPTQ damping as a fraction of the mean Hessian diagonal", 0.0),
     K("GPTQ_BLOCK_SIZE", 128, int, "GPTQ column block size", 1),
     K("GPTQ_CALIBRATION", "train", ("train", "selfgen"), "calibration data: training batches or self-generated text"),
-    K("GPTQ_CALIBRATION_BATCHES", 16, int, "calibration batches (of one micro-batch each)", 1),
+    K("GPTQ_CALIBRATION_BATCHES", 16, int, "calibration micro-batches (of the global batch, split across ranks)", 1),
     K("LQER_RANK", 4, int, "rank of the low-rank quantization-error correction (0: off)", 0),
     K("LQER_TOP_K", 3, int, "tensors with the largest error that get LQER", 0),
     K("PACK_BITS", 1, bool, "bit-pack quantized values densely before compression"),
@@ -358,6 +358,8 @@ def setup_runtime(args: Hyperparameters) -> Runtime:
     use_compile = on_cuda if args.compile == "auto" else args.compile == "1"
     os.makedirs("logs", exist_ok=True)
     log_path = f"logs/{args.run_id}.txt" if rank == 0 else None
+    if log_path:
+        open(log_path, "w").close()  # a rerun with the same RUN_ID starts a fresh log
     return Runtime(rank, world_size, local_rank, device, use_autocast, use_compile, log_path)
 
 
@@ -1698,12 +1700,12 @@ def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | N
         averager.update(step, progress)
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
         step_ms = elapsed / step
-        if step % args.train_log_every == 0 or step == args.iterations:
+        stop = rt.all_reduce(torch.tensor(float(elapsed >= budget_ms), device=rt.device), dist.ReduceOp.MAX).item()
+        if stop or step % args.train_log_every == 0 or step == args.iterations:
             loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
             rt.log(f"step:{step}/{args.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f} "
                    f"step_avg:{step_ms:.2f} tok_s:{args.train_batch_tokens / step_ms * 1000:.0f}")
-        stop = torch.tensor(float(elapsed >= budget_ms), device=rt.device)
-        if rt.all_reduce(stop, dist.ReduceOp.MAX).item():
+        if stop:
             rt.log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f} step:{step}/{args.iterations}")
             break
     rt.sync()
@@ -1722,10 +1724,11 @@ def calibration_batches(model: GPT, args: Hyperparameters, rt: Runtime, loader: 
     if args.gptq_calibration == "selfgen":
         seqs = max(1, args.train_batch_tokens // (args.train_seq_len * rt.world_size * loader.grad_accum))
         return self_generated_batches(model, args, rt, args.gptq_calibration_batches, seqs)
+    # Whole global batches, so every world size calibrates on the same tokens.
     batches = []
-    while len(batches) < args.gptq_calibration_batches:
+    while len(batches) * rt.world_size < args.gptq_calibration_batches:
         batches.extend(loader.next_batch())
-    return batches[:args.gptq_calibration_batches]
+    return batches
 
 
 def bits_to_lower(model: GPT, args: Hyperparameters, errors: dict, override: dict, excess: int) -> list[tuple[str, int, int]]:

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny official-format data and a helper that runs train_gpt.py as a user would."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "train_gpt.py"
+TINY = ROOT / "data" / "tiny"
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+
+# A shape that trains in seconds on one CPU core and still exercises every default feature
+# (XSA, partial RoPE, SmearGate, U-Net skips, depth recurrence, parallel residuals, gates).
+TINY_ENV = dict(
+    VOCAB_SIZE="512", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", ROPE_DIMS="8",
+    XSA_LAST_N="2", LOOP_START="1", LOOP_END="1", NUM_LOOPS="2", ENABLE_LOOPING_AT="0.5",
+    PARALLEL_RESIDUAL_START="1", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024", ITERATIONS="8",
+    WARMUP_STEPS="0", MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="4",
+    EVAL_STRIDE="0", TTT_ENABLED="0", KEEP_FLOAT_NUMEL="256", AVERAGING="none",
+    GPTQ_CALIBRATION_BATCHES="2", COMPRESSOR="zstd", LQER_TOP_K="1", MUON_MOMENTUM_WARMUP_STEPS="0",
+    MATRIX_LR="0.05", SCALAR_LR="0.05", TIED_EMBED_LR="0.1",
+)
+
+
+def write_shard(path, tokens):
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (20240520, 1, len(tokens))
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+
+
+def read_tokens(path):
+    return np.fromfile(path, dtype="<u2", offset=1024)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """data/tiny's train shard and the first 3001 val tokens (a length that is no multiple of 64)."""
+    d = tmp_path_factory.mktemp("tiny_data")
+    (d / "fineweb_train_000000.bin").symlink_to(TINY / "fineweb_train_000000.bin")
+    write_shard(d / "fineweb_val_000000.bin", read_tokens(TINY / "fineweb_val_000000.bin")[:3001])
+    return d
+
+
+@pytest.fixture
+def tiny_env(tmp_path, tiny_data):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(TINY_ENV, DATA_PATH=str(tiny_data), TOKENIZER_PATH=str(TINY / "tokenizer.model"),
+               RUN_ID="tiny", ARTIFACT_PATH=str(tmp_path / "model.pgart"), OMP_NUM_THREADS="1")
+    return env
+
+
+def run_train(env, cwd, nproc=1, script=SCRIPT, check=True, timeout=600):
+    """Run the script (under torchrun when nproc > 1) in cwd; returns (process, rank-0 log text)."""
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
+    else:
+        cmd = [sys.executable, str(script)]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    log_path = Path(cwd) / "logs" / f"{env['RUN_ID']}.txt"
+    log = log_path.read_text() if log_path.exists() else ""
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train_gpt.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc, log
+
+
+def log_value(log, label, key):
+    """The value of key on the last line starting with label."""
+    lines = [ln for ln in log.splitlines() if ln.startswith(label + " ") or ln.startswith(label + ":")]
+    assert lines, f"no '{label}' line in log"
+    for part in lines[-1].split():
+        if part.startswith(key + ":"):
+            return part.split(":", 1)[1]
+    raise AssertionError(f"no {key} on line {lines[-1]!r}")
+
+
+def needs_shared(*parts):
+    path = SHARED.joinpath(*parts)
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} not present (../shared is optional)")
