@@ -129,7 +129,7 @@ KNOBS = [
     K("GRAD_CLIP_NORM", 0.3, float, "global gradient-norm clip (0: off)", 0.0),
     # weight averaging and QAT
     K("AVERAGING", "ema", ("none", "ema", "swa", "ema+swa"), "weights exported: raw, EMA, SWA, or SWA of EMA"),
-    K("EMA_DECAY", 0.9965, float, "EMA decay per update", 0.0),
+    K("EMA_DECAY", 0.9965, float, "EMA decay per update (warmed up as (1+n)/(10+n))", 0.0),
     K("EMA_EVERY", 1, int, "update the EMA every N steps", 1),
     K("SWA_EVERY", 50, int, "take an SWA snapshot every N steps", 1),
     K("SWA_START_FRAC", 0.85, float, "training progress from which SWA snapshots are taken", 0.0),
@@ -1568,12 +1568,17 @@ class WeightAverager:
         self.ema = [p.detach().float().clone() for p in self.params] if "ema" in self.mode else None
         self.swa_sum, self.swa_n, self.ema_n = None, 0, 0
 
+    def ema_decay(self, n: int) -> float:
+        """Decay of the n-th EMA update: warmed up as (1+n)/(10+n) so that short runs do not export
+        mostly the initial weights, capped at EMA_DECAY."""
+        return min(self.args.ema_decay, (1 + n) / (10 + n))
+
     @torch.no_grad()
     def update(self, step: int, progress: float):
         a = self.args
         if self.ema is not None and step % a.ema_every == 0:
-            torch._foreach_lerp_(self.ema, [p.float() for p in self.params], 1 - a.ema_decay)
             self.ema_n += 1
+            torch._foreach_lerp_(self.ema, [p.float() for p in self.params], 1 - self.ema_decay(self.ema_n))
         if "swa" in self.mode and progress >= a.swa_start_frac and step % a.swa_every == 0:
             src = self.ema if self.mode == "ema+swa" else [p.float() for p in self.params]
             if self.swa_sum is None:

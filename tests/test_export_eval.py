@@ -1,0 +1,182 @@
+"""Export (GPTQ, budget fitting, EVAL_ONLY) and evaluation (sliding, score-first TTT) behaviour."""
+
+import copy
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import SCRIPT, TINY, TINY_ENV, log_value, read_tokens, run_train
+
+CPU = tg.Runtime(0, 1, 0, torch.device("cpu"), False, False, None)
+
+
+def make_args(**overrides):
+    env = dict(TINY_ENV, DATA_PATH=str(TINY), TOKENIZER_PATH=str(TINY / "tokenizer.model"))
+    env.update({k: str(v) for k, v in overrides.items()})
+    return tg.Hyperparameters(env)
+
+
+def val_tokens(n):
+    return torch.from_numpy(read_tokens(TINY / "fineweb_val_000000.bin")[:n].astype(np.int64))
+
+
+def luts():
+    import sentencepiece as spm
+    return tg.build_byte_luts(spm.SentencePieceProcessor(model_file=str(TINY / "tokenizer.model")), 512)
+
+
+# --- quantization -------------------------------------------------------------------------------
+
+
+def test_gptq_beats_round_to_nearest_on_correlated_inputs():
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(128, 128, generator=g) * (torch.rand(128, generator=g) ** 4)  # few strong directions
+    x_cal, x_test = torch.randn(4096, 128, generator=g) @ mix, torch.randn(2048, 128, generator=g) @ mix
+    w = torch.randn(64, 128, generator=g) * 0.05
+    H = x_cal.T @ x_cal
+    for bits in (4, 5, 6):
+        scale = tg.row_scales(w, bits, 6.0, False)
+        rtn = tg.quantize_rtn(w, scale, bits) * scale
+        gptq = tg.gptq_quantize(w, H, scale, bits, damp=0.01, block=32) * scale
+        err = lambda wq: float(((x_test @ (w - wq).T) ** 2).mean())
+        assert err(gptq) < 0.7 * err(rtn), (bits, err(gptq), err(rtn))
+
+
+def test_gptq_with_identity_hessian_equals_round_to_nearest():
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    scale = tg.row_scales(w, 6, 10.0, False)
+    q = tg.gptq_quantize(w, torch.eye(64), scale, 6, damp=0.0, block=16)
+    torch.testing.assert_close(q, tg.quantize_rtn(w, scale, 6))
+
+
+def test_lqer_reduces_the_error_of_the_corrected_tensors():
+    args = make_args(QUANT="rtn", MLP_BITS=3, ATTN_BITS=3, LQER_RANK=4, LQER_TOP_K=2)
+    torch.manual_seed(0)
+    model = tg.GPT(args)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    with_lqer, errors = tg.quantize_model(model, args, {})
+    args.lqer_rank = 0
+    plain, _ = tg.quantize_model(model, args, {})
+    state = model.state_dict()
+    corrected = [k for k, v in with_lqer.items() if isinstance(v, tg.QTensor) and v.lqer is not None]
+    assert sorted(corrected) == sorted(sorted(errors, key=errors.get)[-2:])
+    for k in corrected:
+        e_plain = (state[k] - plain[k].dequantize()).norm()
+        e_lqer = (state[k] - with_lqer[k].dequantize()).norm()
+        assert e_lqer < 0.95 * e_plain
+
+
+def test_budget_fitting_lowers_bits_until_the_artifact_fits(tmp_path):
+    args = make_args(QUANT="rtn", LQER_RANK=0, KEEP_FLOAT_NUMEL=64, MODEL_DIM=64, MLP_BITS=8, ATTN_BITS=8, EMBED_BITS=8)
+    torch.manual_seed(0)
+    model = tg.GPT(args)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    log = tmp_path / "log.txt"
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False, False, str(log))
+    tg.export_artifact(model, args, rt, {}, 0, str(tmp_path / "full.pgart"))
+    full = os.path.getsize(tmp_path / "full.pgart")
+    args.artifact_budget = int(full * 0.75)
+    tg.export_artifact(model, args, rt, {}, 1000, str(tmp_path / "fit.pgart"))
+    assert 1000 + os.path.getsize(tmp_path / "fit.pgart") <= args.artifact_budget
+    text = log.read_text()
+    assert "budget_fit tensor:" in text
+    meta, _ = tg.read_artifact(str(tmp_path / "fit.pgart"))
+    assert min(meta["bits"].values()) < 8
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+
+
+def naive_window_nll(model, tokens, windows):
+    """Independent scorer: one forward per window, sum of the scored targets' NLL."""
+    total, count = 0.0, 0
+    for s, e, a in windows:
+        with torch.no_grad():
+            nll = model.token_nll(tokens[None, s:e], tokens[None, s + 1:e + 1])[0]
+        total += float(nll[a - s - 1:].double().sum())
+        count += e - a + 1
+    return total, count
+
+
+@pytest.mark.parametrize("stride", [64, 16, 5])
+def test_sliding_eval_equals_an_independent_per_window_computation(stride):
+    args = make_args(EVAL_BATCH_SEQS=3)
+    torch.manual_seed(0)
+    model = tg.GPT(args).eval()
+    tokens = val_tokens(333)
+    r = tg.evaluate(model, tokens, luts(), args, CPU, stride)
+    total, count = naive_window_nll(model, tokens, tg.plan_windows(1, 332, 64, stride))
+    assert r.tokens == count == 332
+    assert r.nll == pytest.approx(total, rel=1e-6)
+
+
+def ttt_setup(**overrides):
+    args = make_args(**dict(dict(TTT_ENABLED=1, TTT_CHUNK_TOKENS=128, TTT_LR=0.05, EVAL_STRIDE=16, TTT_BATCH_SEQS=2), **overrides))
+    torch.manual_seed(0)
+    return args, tg.GPT(args)
+
+
+def test_ttt_is_score_first_perturbing_the_future_leaves_past_losses_unchanged():
+    args, model = ttt_setup()
+    tokens = val_tokens(700)
+    t = 300  # mid-chunk: chunk 2 covers targets 257..384
+    losses = []
+    for toks in (tokens, torch.cat([tokens[:t + 1], torch.randint(2, 512, (len(tokens) - t - 1,))])):
+        out = torch.full((len(toks),), float("nan"), dtype=torch.float64)
+        tg.evaluate_ttt(copy.deepcopy(model), toks, luts(), args, CPU, eval_t0=time.perf_counter(), token_losses=out)
+        losses.append(out)
+    assert not torch.isnan(losses[0][1:]).any()
+    torch.testing.assert_close(losses[0][1:t + 1], losses[1][1:t + 1], rtol=0, atol=0)
+    assert not torch.allclose(losses[0][t + 1:], losses[1][t + 1:])
+
+
+def test_ttt_with_zero_lr_equals_the_plain_sliding_score():
+    args, model = ttt_setup(TTT_LR=0, TTT_CHUNK_TOKENS=64)
+    tokens = val_tokens(555)
+    ttt = tg.evaluate_ttt(copy.deepcopy(model), tokens, luts(), args, CPU, time.perf_counter())
+    plain = tg.evaluate(model, tokens, luts(), args, CPU, 16)
+    assert ttt.tokens == plain.tokens == 554
+    assert ttt.val_loss == pytest.approx(plain.val_loss, abs=1e-6)
+
+
+def test_ttt_adapts_and_improves_on_repetitive_text():
+    args, model = ttt_setup(TTT_LR=0.02, TTT_EPOCHS=2)
+    tokens = val_tokens(200).repeat(4)
+    ttt = tg.evaluate_ttt(copy.deepcopy(model), tokens, luts(), args, CPU, time.perf_counter())
+    plain = tg.evaluate(model, tokens, luts(), args, CPU, 16)
+    assert ttt.tokens == plain.tokens and ttt.val_loss < plain.val_loss - 0.05
+
+
+# --- whole-program runs -------------------------------------------------------------------------
+
+
+def test_eval_only_reproduces_round_trip_on_one_and_two_ranks(tmp_path, tiny_env):
+    tiny_env.update(EVAL_STRIDE="16")
+    _, log = run_train(tiny_env, tmp_path)
+    art = tiny_env["ARTIFACT_PATH"]
+    env = {k: v for k, v in tiny_env.items() if k not in ("NUM_LAYERS", "MODEL_DIM")}
+    env.update(EVAL_ONLY=art, RUN_ID="eval1")
+    _, log1 = run_train(env, tmp_path)
+    _, log2 = run_train(dict(env, RUN_ID="eval2"), tmp_path, nproc=2)
+    assert "step:" not in log1.split("\ncode_end\n")[1]  # no training happened
+    for label in ("final_roundtrip", "final_sliding"):
+        ref = float(log_value(log, label, "val_loss"))
+        assert float(log_value(log1, label, "val_loss")) == pytest.approx(ref, abs=1e-6)
+        assert float(log_value(log2, label, "val_loss")) == pytest.approx(ref, abs=1e-6 if label == "final_sliding" else 1e-4)
+    clash, _ = run_train(dict(env, RUN_ID="eval3", NUM_LAYERS="3"), tmp_path, check=False)
+    assert clash.returncode != 0 and "NUM_LAYERS=3 (artifact: 2)" in clash.stderr
+
+
+def test_ttt_stops_adapting_at_the_eval_budget_but_scores_every_token(tmp_path, tiny_env):
+    tiny_env.update(TTT_ENABLED="1", TTT_CHUNK_TOKENS="256", EVAL_MAX_SECONDS="0.001")
+    _, log = run_train(tiny_env, tmp_path)
+    assert "ttt_stopped_adapting chunk:0/" in log
+    assert int(log_value(log, "final_ttt", "tokens")) == 3000
+    assert log_value(log, "final_result", "val_loss") == log_value(log, "final_ttt", "val_loss")
