@@ -180,3 +180,25 @@ def test_ttt_stops_adapting_at_the_eval_budget_but_scores_every_token(tmp_path, 
     assert "ttt_stopped_adapting chunk:0/" in log
     assert int(log_value(log, "final_ttt", "tokens")) == 3000
     assert log_value(log, "final_result", "val_loss") == log_value(log, "final_ttt", "val_loss")
+
+
+def test_clip_search_never_does_worse_than_the_fixed_sdclip_per_row():
+    w = torch.distributions.StudentT(3).sample((32, 128))
+    fixed = tg.row_scales(w, 5, 12.0, False)
+    searched = tg.row_scales(w, 5, 12.0, True)
+    err = lambda s: (w - tg.quantize_rtn(w, s, 5) * s).square().sum(1)
+    assert (err(searched) <= err(fixed) + 1e-6).all() and (err(searched) < err(fixed) - 1e-6).any()
+
+
+def test_self_generated_calibration_is_model_text_from_bos():
+    args = make_args(GPTQ_CALIBRATION="selfgen", GPTQ_CALIBRATION_BATCHES=2, TRAIN_SEQ_LEN=16)
+    torch.manual_seed(0)
+    model = tg.GPT(args)
+    batches = tg.self_generated_batches(model, args, CPU, 2, 3)
+    assert len(batches) == 2
+    for ids, _ in batches:
+        assert ids.shape == (3, 16) and (ids[:, 0] == tg.BOS_ID).all() and ids.max() < 512
+    again = tg.self_generated_batches(model, args, CPU, 2, 3)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
+    hess = tg.collect_hessians(model, batches, CPU)
+    assert hess["blocks.0.attn.c_q"].shape == (32, 32) and "tok_emb" in hess
