@@ -152,7 +152,7 @@ KNOBS = [
     K("GPTQ_CALIBRATION_BATCHES", 16, int, "calibration micro-batches (of the global batch, split across ranks)", 1),
     K("LQER_RANK", 4, int, "rank of the low-rank quantization-error correction (0: off)", 0),
     K("LQER_TOP_K", 3, int, "tensors with the largest error that get LQER", 0),
-    K("PACK_BITS", 1, bool, "bit-pack quantized values densely before compression"),
+    K("PACK_BITS", 0, bool, "bit-pack quantized values densely (smaller raw, but generic compressors do worse)"),
     K("COMPRESSOR", "brotli", ("zstd", "brotli", "lzma", "auto"), "artifact compressor (auto: smallest of all)"),
     K("COMPRESSION_LEVEL", -1, int, "compressor level (-1: the maximum)", -1),
     K("ARTIFACT_BUDGET", 16000000, int, "bytes allowed for code + model; export lowers bits to fit", 1),
@@ -161,7 +161,7 @@ KNOBS = [
     # evaluation
     K("EVAL_SEQ_LEN", 0, int, "evaluation window length (0: TRAIN_SEQ_LEN)", 0),
     K("EVAL_STRIDE", 64, int, "sliding-window stride for final_sliding (0: no sliding eval)", 0),
-    K("EVAL_BATCH_SEQS", 32, int, "windows per evaluation forward", 1),
+    K("EVAL_BATCH_SEQS", 32, int, "windows per evaluation forward per rank (also caps VAL_BATCH_SIZE)", 1),
     K("EVAL_MAX_SECONDS", 600.0, float, "time for everything after training; TTT stops adapting to stay inside", 0.0),
     K("TTT_ENABLED", 1, bool, "score-first test-time training (final_ttt)"),
     K("TTT_CHUNK_TOKENS", 32768, int, "tokens scored, then trained on, per TTT chunk", 2),
@@ -174,6 +174,13 @@ KNOBS = [
     K("TTT_LORA_RANK", 8, int, "rank of TTT LoRA adapters", 1),
     K("TTT_LAST_K", 2, int, "layers trained by TTT_PARAMS=last_k", 1),
     K("TTT_BATCH_SEQS", 16, int, "sequences per TTT step (all ranks)", 1),
+    K("PHASED_TTT_ENABLED", 0, bool, "document TTT with fresh LoRA adapters per document (final_phased_ttt, then the run's score)"),
+    K("PHASED_TTT_CHUNK_TOKENS", 64, int, "targets of a document scored, then trained on, per adapter step (at most EVAL_SEQ_LEN)", 1),
+    K("PHASED_TTT_LR", 0.01, float, "Adam learning rate of the per-document adapters", 0.0),
+    K("PHASED_TTT_LORA_RANK", 8, int, "rank of the per-document LoRA adapters", 1),
+    K("PHASED_TTT_DOCS_PER_BATCH", 32, int, "documents adapted in parallel, each with its own adapters", 1),
+    K("PHASED_TTT_NUM_PHASES", 0, int, "global phases: SGD (TTT_LR) on all weights over each scored 1/N of the prefix (0: off)", 0),
+    K("PHASED_TTT_PREFIX_DOCS", 2000, int, "leading documents the global phases are spread over", 0),
 ]
 del K
 KNOB_BY_NAME = {k.name: k for k in KNOBS}
@@ -574,15 +581,19 @@ class Embedding(QuantWeight):
 
 
 class LoRA(nn.Module):
-    """Low-rank adapter added to a CastedLinear during test-time training."""
+    """Low-rank adapter added to a CastedLinear during test-time training. With batch > 0 every
+    row of the input batch has its own adapter: A (batch, rank, in), B (batch, out, rank), all rows
+    starting equal, so a row's result does not depend on its position in the batch."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, device):
+    def __init__(self, in_features: int, out_features: int, rank: int, device, batch: int = 0):
         super().__init__()
-        self.a = nn.Parameter(torch.randn(rank, in_features, device=device) / math.sqrt(in_features))
-        self.b = nn.Parameter(torch.zeros(out_features, rank, device=device))
+        lead = (batch,) if batch else ()
+        a = torch.randn(rank, in_features, device=device) / math.sqrt(in_features)
+        self.a = nn.Parameter(a.repeat(*lead, 1, 1))
+        self.b = nn.Parameter(torch.zeros(*lead, out_features, rank, device=device))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(F.linear(x, self.a.to(x.dtype)), self.b.to(x.dtype))
+        return x @ self.a.mT.to(x.dtype) @ self.b.mT.to(x.dtype)
 
 
 class Rotary(nn.Module):
@@ -952,10 +963,12 @@ def training_progress(args: Hyperparameters, step: int, elapsed_ms: float) -> fl
 def warmdown_fraction(args: Hyperparameters, step_ms: float) -> float:
     if args.warmdown_iters <= 0:
         return args.warmdown_frac
+    by_steps = args.warmdown_iters / max(args.iterations, 1)
     if args.max_wallclock_seconds <= 0:
-        return min(1.0, args.warmdown_iters / max(args.iterations, 1))
+        return min(1.0, by_steps)
+    # whichever limit ends the run first: ITERATIONS, or the wallclock at the measured step time
     budget_ms = max(args.max_wallclock_seconds - args.gptq_reserve_seconds, 1e-3) * 1000
-    return min(1.0, args.warmdown_iters * step_ms / budget_ms)
+    return min(1.0, max(by_steps, args.warmdown_iters * step_ms / budget_ms))
 
 
 def lr_scale(args: Hyperparameters, step: int, progress: float, warmdown: float) -> float:
@@ -1067,7 +1080,8 @@ def collect_hessians(model: GPT, batches, rt: Runtime) -> dict[str, Tensor]:
         if isinstance(m, CastedLinear):
             def hook(mod, inp, name=name):
                 x = inp[0].detach().reshape(-1, inp[0].size(-1)).float()
-                hess[name] = hess.get(name, 0) + x.T @ x
+                with torch.autocast(x.device.type, enabled=False):  # accumulate in fp32, not bf16
+                    hess[name] = hess.get(name, 0) + x.T @ x
             hooks.append(m.register_forward_pre_hook(hook))
     try:
         for x, _ in batches:
@@ -1380,7 +1394,8 @@ class Evaluator:
     the result does not depend on the world size."""
 
     def __init__(self, model: GPT, tokens: Tensor, luts, args: Hyperparameters, rt: Runtime):
-        self.model, self.tokens, self.luts, self.args, self.rt = model, tokens, luts, args, rt
+        self.model, self.tokens, self.args, self.rt = model, tokens, args, rt
+        self.luts = tuple(t.to(rt.device) for t in luts)
         self.nll_fn = torch.compile(model.token_nll) if rt.compile else model.token_nll
         self.totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
 
@@ -1411,15 +1426,19 @@ class Evaluator:
             x, y, mask = self.batch(group, seq_len)
             with rt.autocast_ctx():
                 nll = self.nll_fn(x, y).double()
-            nbytes = target_bytes(x, y, tuple(t.to(x.device) for t in self.luts))
-            self.totals += torch.stack([nll[mask].sum(), mask.sum().double(), nbytes[mask].sum().double()])
-            if token_losses is not None:
-                rows, cols = mask.nonzero(as_tuple=True)
-                starts = torch.tensor([w[0] for w in group], device=x.device)
-                token_losses[(starts[rows] + cols + 1).cpu()] = nll[rows, cols].cpu()
+            self.record(group, x, y, mask, nll, token_losses)
             if label and time.perf_counter() - last_log > 30:
                 last_log = time.perf_counter()
                 log_progress(rt, label, k + 1, len(mine), t0)
+
+    def record(self, windows, x: Tensor, y: Tensor, mask: Tensor, nll: Tensor, token_losses: Tensor | None):
+        """Add the masked float64 losses of a batch built by batch(windows) to the totals."""
+        nbytes = target_bytes(x, y, self.luts)
+        self.totals += torch.stack([nll[mask].sum(), mask.sum().double(), nbytes[mask].sum().double()])
+        if token_losses is not None:
+            rows, cols = mask.nonzero(as_tuple=True)
+            starts = torch.tensor([w[0] for w in windows], device=x.device)
+            token_losses[(starts[rows] + cols + 1).cpu()] = nll[rows, cols].cpu()
 
     def result(self, t0: float) -> EvalResult:
         totals = self.rt.all_reduce(self.totals.clone())
@@ -1440,7 +1459,8 @@ def evaluate(model: GPT, val_tokens: Tensor, luts, args: Hyperparameters, rt: Ru
     model.eval()
     ev = Evaluator(model, val_tokens, luts, args, rt)
     seq_len = args.eval_seq_len
-    batch_seqs = args.eval_batch_seqs if stride < seq_len else max(1, args.val_batch_size // (seq_len * rt.world_size))
+    # VAL_BATCH_SIZE (the baseline's knob) sizes standard batches, capped so logits fit in memory
+    batch_seqs = max(1, min(args.eval_batch_seqs, args.val_batch_size // (seq_len * rt.world_size)))
     ev.score(plan_windows(1, val_tokens.numel() - 1, seq_len, stride), batch_seqs, label)
     model.train()
     return ev.result(t0)
@@ -1511,16 +1531,18 @@ def evaluate_ttt(model: GPT, val_tokens: Tensor, luts, args: Hyperparameters, rt
     last = val_tokens.numel() - 1
     stride = args.eval_stride or args.eval_seq_len
     chunks = [(a, min(a + args.ttt_chunk_tokens - 1, last)) for a in range(1, last + 1, args.ttt_chunk_tokens)]
-    adapting, score_s, train_s = True, 0.0, 0.0
+    adapting, score_s, train_s = True, [], []
     for ci, (a, b) in enumerate(chunks):
         ts = time.perf_counter()
         model.eval()
         ev.score(plan_windows(a, b, args.eval_seq_len, stride), args.eval_batch_seqs, token_losses=token_losses)
-        score_s += time.perf_counter() - ts
+        score_s.append(time.perf_counter() - ts)
         if ci == len(chunks) - 1 or not adapting:
             continue
-        left = len(chunks) - ci - 1
-        need = left * score_s / (ci + 1) + (train_s / ci if ci else score_s / (ci + 1))
+        # Time to score every remaining chunk plus train this one; chunk 0 (which may include
+        # compilation) is left out of the per-chunk averages once a later chunk has been timed.
+        avg = lambda ts_: sum(ts_[1:]) / (len(ts_) - 1) if len(ts_) > 1 else ts_[0]
+        need = (len(chunks) - ci - 1) * avg(score_s) + (avg(train_s) if train_s else 0.0) if ci else 0.0
         over = torch.tensor(float(time.perf_counter() - eval_t0 + need > args.eval_max_seconds), device=rt.device)
         if rt.all_reduce(over, dist.ReduceOp.MAX).item():
             adapting = False
@@ -1533,10 +1555,125 @@ def evaluate_ttt(model: GPT, val_tokens: Tensor, luts, args: Hyperparameters, rt
             g["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / (len(chunks) - 1)))
         for _ in range(args.ttt_epochs):
             ttt_train_chunk(model, nll_fn, val_tokens, a, b, params, opt, args, rt)
-        train_s += time.perf_counter() - ts
+        train_s.append(time.perf_counter() - ts)
         if (ci + 1) % max(1, len(chunks) // 10) == 0:
             log_progress(rt, "ttt", ci + 1, len(chunks), t0)
     model.eval()
+    return ev.result(t0)
+
+
+def document_spans(tokens: Tensor) -> list[tuple[int, int]]:
+    """(s, e) per document: inputs tokens[s:e], targets s+1..e. A document starts at a BOS (or at
+    position 0) and its last target is the next document's BOS, so each target 1..N-1 belongs to
+    exactly one document and is predicted from that document's tokens only."""
+    bounds = [0] + ((tokens[1:-1] == BOS_ID).nonzero().flatten() + 1).tolist() + [tokens.numel() - 1]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def evaluate_phased_ttt(model: GPT, val_tokens: Tensor, luts, args: Hyperparameters, rt: Runtime, eval_t0: float,
+                        token_losses: Tensor | None = None) -> EvalResult:
+    """Document TTT. Each batch row is one document with its own LoRA adapters, reset for every
+    batch. Step c scores chunk c of every document in one forward (context: the document's earlier
+    tokens, at most EVAL_SEQ_LEN) and records the losses; only then does Adam step on that chunk's
+    targets. With global phases the first PREFIX_DOCS documents form NUM_PHASES segments; once a
+    segment is scored on all ranks, SGD trains the base weights on it. Within a segment documents
+    go longest first (less padding) and batches are split across ranks. When the eval budget would
+    be overrun, adapting stops and the rest is only scored."""
+    t0 = last_log = time.perf_counter()
+    ev = Evaluator(model, val_tokens, luts, args, rt)
+    L, B = args.eval_seq_len, args.phased_ttt_docs_per_batch
+    C = min(args.phased_ttt_chunk_tokens, L)
+    base = list(model.parameters())
+    for p in base:
+        p.requires_grad_(False)
+    mats = [m for m in model.blocks.modules() if isinstance(m, CastedLinear)]
+    torch.manual_seed(args.seed)  # the same adapter init on every rank
+    loras = [LoRA(m.weight.size(1), m.weight.size(0), args.phased_ttt_lora_rank, m.weight.device, B) for m in mats]
+    lora_params = [p for lo in loras for p in lo.parameters()]
+    init = [p.detach().clone() for p in lora_params]
+    opt = torch.optim.Adam(lora_params, lr=args.phased_ttt_lr)
+    gopt = torch.optim.SGD(base, lr=args.ttt_lr, momentum=args.ttt_momentum)
+    docs, P = document_spans(val_tokens), args.phased_ttt_num_phases
+    prefix = min(args.phased_ttt_prefix_docs, len(docs)) if P else 0
+    bounds = sorted({0, len(docs)} | {prefix * k // max(P, 1) for k in range(1, P + 1)})
+    plan = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        seg = sorted(docs[lo:hi], key=lambda d: d[0] - d[1])
+        plan.append((lo, hi, [seg[i:i + B] for i in range(0, len(seg), B)][rt.rank::rt.world_size]))
+    steps = lambda batch: -(-max(e - s for s, e in batch) // C)
+    left = sum(B * min(L, (c + 1) * C) for _, _, mine in plan for bt in mine for c in range(steps(bt)))
+    spent, seen = dict(score=[0.0, 0], train=[0.0, 0]), set()  # seconds and batch tokens; shapes timed
+
+    def tick(kind: str, since: float, shape: tuple) -> float:
+        """Time a step's part, except a shape's first step (it may include compilation)."""
+        rt.sync()
+        now = time.perf_counter()
+        if shape in seen:
+            spent[kind][0] += now - since
+            spent[kind][1] += shape[0] * B
+        return now
+
+    rate = lambda k: spent[k][0] / max(spent[k][1], 1)
+    over = lambda need: time.perf_counter() - eval_t0 + need > args.eval_max_seconds
+    stop = lambda at: rt.log(f"ttt_stopped_adapting phased_ttt at:{at} reason:eval_budget "
+                             f"elapsed_s:{time.perf_counter() - eval_t0:.1f} limit_s:{args.eval_max_seconds:.0f}")
+    adapting, phases, done, total = True, 0, 0, sum(len(mine) for _, _, mine in plan)
+    for lo, hi, mine in plan:
+        for m, lora in zip(mats, loras):
+            m.lora = lora
+        for batch in mine:
+            for p, p0 in zip(lora_params, init):
+                p.data.copy_(p0)
+            opt.state.clear()
+            n = steps(batch)
+            for c in range(n):
+                T = min(L, (c + 1) * C)
+                if adapting and c < n - 1 and over(left * rate("score") + B * T * rate("train")):
+                    adapting = False
+                    stop(f"batch:{done}/{total}")
+                train = adapting and c < n - 1
+                windows = []
+                for s, e in batch + [(0, 0)] * (B - len(batch)):  # padding rows score nothing
+                    b = min((c + 1) * C, e - s)
+                    windows.append((s + max(0, b - L), s + b, s + c * C + 1) if b > c * C else (0, 1, 2))
+                ts = time.perf_counter()
+                x, y, mask = ev.batch(windows, T)
+                with torch.set_grad_enabled(train), rt.autocast_ctx():
+                    nll = ev.nll_fn(x, y)
+                ev.record(windows, x, y, mask, nll.detach().double(), token_losses)  # final before any update
+                tm = tick("score", ts, (T, train))
+                left -= B * T
+                if train:
+                    (nll[mask].sum() / C).backward()  # only this chunk's targets, all scored above
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    tick("train", tm, (T, train))
+                seen.add((T, train))
+            done += 1
+            if time.perf_counter() - last_log > 30:
+                last_log = time.perf_counter()
+                log_progress(rt, "phased_ttt", done, total, t0)
+        if hi > prefix or hi == len(docs):
+            continue
+        a, b = docs[lo][0] + 1, docs[hi - 1][1]
+        need = left * rate("score") + (b - a + 1) * args.ttt_epochs / rt.world_size * (rate("score") + rate("train"))
+        if rt.all_reduce(torch.tensor(float(not adapting or over(need)), device=rt.device), dist.ReduceOp.MAX).item():
+            if adapting:
+                stop(f"phase:{phases}/{P}")
+            adapting = False
+            continue
+        for m in mats:
+            m.lora = None
+        for p in base:
+            p.requires_grad_(True)
+        for _ in range(args.ttt_epochs):
+            ttt_train_chunk(model, ev.nll_fn, val_tokens, a, b, base, gopt, args, rt)
+        for p in base:
+            p.requires_grad_(False)
+        phases += 1
+    for m in mats:
+        m.lora = None
+    rt.log(f"phased_ttt docs:{len(docs)} chunk_tokens:{C} global_phases_trained:{phases}")
     return ev.result(t0)
 
 
@@ -1690,7 +1827,7 @@ def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | N
             model.looping = True
             rt.log(f"looping_enabled step:{step} train_time:{elapsed:.0f} layers:{','.join(map(str, model.layer_order()))}")
         scale = lr_scale(args, step, progress, warmdown_fraction(args, step_ms))
-        if args.late_qat_threshold > 0 and not qat_on and scale < args.late_qat_threshold:
+        if args.late_qat_threshold > 0 and not qat_on and step >= args.lr_warmup_steps and scale < args.late_qat_threshold:
             set_late_qat(model, True)
             qat_on = True
             rt.log(f"late_qat_enabled step:{step} lr_scale:{scale:.4f}")
@@ -1789,15 +1926,20 @@ def model_from_artifact(meta: dict, state: dict, args: Hyperparameters, rt: Runt
 
 
 def final_evaluations(model: GPT, val_tokens: Tensor, luts, args: Hyperparameters, rt: Runtime, eval_t0: float) -> tuple[str, EvalResult]:
-    """final_roundtrip, then final_sliding and final_ttt when enabled; returns the run's score."""
+    """final_roundtrip, then final_sliding, final_ttt and final_phased_ttt when enabled; returns the
+    last one, the run's score. Both TTTs start from the artifact's weights."""
     L = args.eval_seq_len
     label, result = "final_roundtrip", evaluate(model, val_tokens, luts, args, rt, L, "roundtrip")
     rt.log(result.line(label))
     if 0 < args.eval_stride < L:
         label, result = "final_sliding", evaluate(model, val_tokens, luts, args, rt, args.eval_stride, "sliding")
         rt.log(result.line(label))
+    pristine = copy.deepcopy(model) if args.ttt_enabled and args.phased_ttt_enabled else model
     if args.ttt_enabled:
         label, result = "final_ttt", evaluate_ttt(model, val_tokens, luts, args, rt, eval_t0)
+        rt.log(result.line(label))
+    if args.phased_ttt_enabled:
+        label, result = "final_phased_ttt", evaluate_phased_ttt(pristine, val_tokens, luts, args, rt, eval_t0)
         rt.log(result.line(label))
     return label, result
 
