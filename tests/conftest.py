@@ -27,6 +27,24 @@ TINY_ENV = dict(
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine a second spinning thread slows tiny ops 10-40x."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_args(**overrides):
+    """Hyperparameters of the tiny shape on data/tiny, with overrides."""
+    import train_gpt as tg
+    env = dict(TINY_ENV, DATA_PATH=str(TINY), TOKENIZER_PATH=str(TINY / "tokenizer.model"))
+    env.update({k: str(v) for k, v in overrides.items()})
+    return tg.Hyperparameters(env)
+
+
 def write_shard(path, tokens):
     header = np.zeros(256, dtype="<i4")
     header[:3] = (20240520, 1, len(tokens))

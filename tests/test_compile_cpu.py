@@ -36,15 +36,6 @@ COMPILE_ENV = dict(COMPILE="1", AUTOCAST="bf16", WARMUP_STEPS="2", NUM_LOOPS="2"
                    EVAL_BATCH_SEQS="32", VAL_BATCH_SIZE=str(32 * 64), QUANT="rtn", TORCH_LOGS="recompiles")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine a second spinning thread slows tiny ops 10-40x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def compiled_run(tmp_path, tiny_env, backend, timeout):
     env = dict(tiny_env, **COMPILE_ENV, PG_TEST_COMPILE_BACKEND=backend)
     proc = subprocess.run([sys.executable, str(HELPER), str(SCRIPT)], cwd=tmp_path, env=env, timeout=timeout,

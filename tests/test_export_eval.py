@@ -3,22 +3,15 @@
 import copy
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import train_gpt as tg
-from conftest import SCRIPT, TINY, TINY_ENV, log_value, read_tokens, run_train
+from conftest import TINY, log_value, make_args, read_tokens, run_train
 
 CPU = tg.Runtime(0, 1, 0, torch.device("cpu"), False, False, None)
-
-
-def make_args(**overrides):
-    env = dict(TINY_ENV, DATA_PATH=str(TINY), TOKENIZER_PATH=str(TINY / "tokenizer.model"))
-    env.update({k: str(v) for k, v in overrides.items()})
-    return tg.Hyperparameters(env)
 
 
 def val_tokens(n):

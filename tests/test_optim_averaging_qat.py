@@ -12,24 +12,9 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import TINY, TINY_ENV, run_train
+from conftest import make_args, run_train
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine a second spinning thread slows tiny ops 10-40x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def make_args(**overrides):
-    env = dict(TINY_ENV, DATA_PATH=str(TINY), TOKENIZER_PATH=str(TINY / "tokenizer.model"))
-    env.update({k: str(v) for k, v in overrides.items()})
-    return tg.Hyperparameters(env)
 
 
 def log_runtime(path):

@@ -10,13 +10,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import SCRIPT, SHARED, TINY, TINY_ENV, log_value, needs_shared, read_tokens, run_train, write_shard
-
-
-def make_args(**overrides):
-    env = dict(TINY_ENV, DATA_PATH=str(TINY), TOKENIZER_PATH=str(TINY / "tokenizer.model"))
-    env.update({k: str(v) for k, v in overrides.items()})
-    return tg.Hyperparameters(env)
+from conftest import SCRIPT, SHARED, TINY, log_value, make_args, needs_shared, read_tokens, run_train, write_shard
 
 
 # --- config -----------------------------------------------------------------------------------
