@@ -1143,8 +1143,8 @@ def quantize_model(model: GPT, args: Hyperparameters, hessians: dict[str, Tensor
         spec = quant_spec(name, m.weight.numel(), args, bits_override)
         if spec:
             specs[name + ".weight"] = (name, spec)
-    out, errors = {}, {}
-    for key, t in model.state_dict().items():
+    out, errors, state = {}, {}, model.state_dict()
+    for key, t in state.items():
         if key not in specs:
             out[key] = t.detach().to(torch.float16 if t.is_floating_point() else t.dtype).cpu()
             continue
@@ -1161,7 +1161,7 @@ def quantize_model(model: GPT, args: Hyperparameters, hessians: dict[str, Tensor
         out[key] = QTensor(q.to(torch.int8).cpu(), scale.half().cpu(), bits)
     if args.lqer_rank > 0:
         for key in sorted(errors, key=errors.get, reverse=True)[:args.lqer_top_k]:
-            qt, w = out[key], model.state_dict()[key].detach().float().cpu()
+            qt, w = out[key], state[key].detach().float().cpu()
             U, S, Vh = torch.linalg.svd(w - qt.dequantize(), full_matrices=False)
             r = min(args.lqer_rank, S.numel())
             qa, sa = quantize_int8_absmax(U[:, :r] * S[:r])
@@ -1972,7 +1972,7 @@ def main():
     rt.log(f"attention_backend:{backend} reason:{reason}")
     _, code_bytes, _ = code_identity()
     path = args.artifact_path or f"logs/{args.run_id}.pgart"
-    train_ms = 0.0
+    train_ms, val_tokens = 0.0, None
     if args.eval_only:
         path = args.eval_only
         eval_t0 = time.perf_counter()
@@ -2019,7 +2019,8 @@ def main():
            f"limit:{args.artifact_budget} compressor:{meta['compressor']}")
     if total > args.artifact_budget:
         rt.log(f"error: artifact_over_budget bytes_total:{total} limit:{args.artifact_budget}")
-    val_tokens = load_validation_tokens(args.data_path, args.vocab_size)
+    if val_tokens is None:  # EVAL_ONLY; after training the prequant eval already loaded them
+        val_tokens = load_validation_tokens(args.data_path, args.vocab_size)
     label, result = final_evaluations(model, val_tokens, luts, args, rt, eval_t0)
     eval_ms = 1000 * (time.perf_counter() - eval_t0)
     rt.log(f"eval_time total_ms:{eval_ms:.0f} limit_ms:{1000 * args.eval_max_seconds:.0f}")
