@@ -196,3 +196,114 @@ def test_significance_cli_verdict_and_exit_code(capsys):
     assert "verdict: FAIL" in capsys.readouterr().out
     assert significance.main(logs[:1] + ["--record-val-loss", "2.03"]) == 2
     assert "at least 2 seeds" in capsys.readouterr().err
+
+
+# --- refusals: unreadable input, non-submissions, cut or contradictory logs ------------------
+
+TOOLS = ROOT / "tools"
+MISSING = "no_such_dir/seed1.txt"
+ID_ARGS = ["--name", "n", "--author", "a", "--github-id", "g"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["logparse.py", MISSING],
+    ["make_submission.py", MISSING, *ID_ARGS],
+    ["make_record.py", MISSING, *ID_ARGS],
+    ["make_record.py", str(SEED_LOGS[0]), *ID_ARGS, "--script", "no_such_dir/train_gpt.py"],
+    ["significance.py", MISSING, "--record-bpb", "1.2"],
+    ["plot_curves.py", MISSING],
+    ["pack_code.py", "no_such_dir/train_gpt.py"],
+    ["knob_table.py", "--write", "no_such_dir/README.md"],
+    ["logparse.py", "."],  # a directory: unreadable as a log
+], ids=lambda argv: " ".join(argv[:1] + argv[-1:]))
+def test_tool_names_an_unreadable_input_in_one_line(argv, tmp_path):
+    import subprocess
+    proc = subprocess.run([sys.executable, str(TOOLS / argv[0]), *argv[1:]], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip()
+    assert proc.returncode != 0 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert argv[-1] in err or argv[-3] in err  # the line names the file
+
+
+def test_eval_only_log_is_no_submission(tmp_path):
+    def eval_only(text):
+        text = re.sub(r"^(step:|stopping_early:).*\n", "", text, flags=re.M)
+        return text.replace("config TTT_ENABLED:False source:env\n",
+                            "config TTT_ENABLED:False source:env\nconfig EVAL_ONLY:logs/rec.pgart source:env\n")
+    msg = refusal([edited_log(tmp_path, SEED_LOGS[0], eval_only)])
+    assert "EVAL_ONLY run of logs/rec.pgart" in msg and "trained 0 steps" not in msg
+    no_steps = edited_log(tmp_path, SEED_LOGS[0], lambda t: re.sub(r"^step:.*\n", "", t, flags=re.M), "nosteps.txt")
+    assert "trained 0 steps" in refusal([no_steps])
+
+
+@pytest.mark.parametrize("line", ["error: training_over_wallclock_cap train_ms:612000 cap_ms:600000",
+                                  "error: exception ValueError: shard ids out of range (see traceback above)"])
+def test_any_error_line_refuses_the_log(tmp_path, line):
+    bad = edited_log(tmp_path, SEED_LOGS[0], lambda t: t.replace("eval_time ", line + "\neval_time ", 1))
+    assert line in refusal([bad])
+
+
+def test_two_concurrent_runs_in_one_log_are_refused(tmp_path):
+    """Two runs with one RUN_ID append to one file: their step lines interleave and final_result repeats."""
+    lines = SEED_LOGS[0].read_text().splitlines(keepends=True)
+    steps = [ln for ln in lines if ln.startswith("step:") and "train_loss" in ln]
+    mixed = lines[:lines.index(steps[2])] + steps[:2] + lines[lines.index(steps[2]):]
+    msg = refusal([edited_log(tmp_path, SEED_LOGS[0], lambda t: "".join(mixed), "mixed.txt")])
+    assert "train step 1 logged after step 1000" in msg
+    final = [ln for ln in lines if ln.startswith("final_result ")][0]
+    msg = refusal([edited_log(tmp_path, SEED_LOGS[0], lambda t: t + final, "final2.txt")])
+    assert "holds 2 'final_result' lines" in msg
+
+
+@pytest.mark.parametrize("cut_after, reason", [
+    ("eval_time_ms:82", "final_result eval_time_ms 82 differs from the total_ms 82326"),
+    ("val_loss:2.0118", "'final_result' line is cut or edited: no val_bpb, bytes_total, train_time_ms, eval_time_ms"),
+    ("label:final_sl", "'final_result' line is cut or edited: no val_loss,"),
+])
+def test_cut_final_result_is_refused_never_misread(tmp_path, cut_after, reason):
+    def cut(text):
+        head = text[:text.rindex("final_result ")]
+        return head + "final_result " + text[len(head) + len("final_result "):].split(cut_after)[0] + cut_after
+    assert "the log ends inside a line" in refusal([edited_log(tmp_path, SEED_LOGS[0], cut)])
+    # Even when a newline follows the cut (a copy that re-terminated it), no number is taken from it.
+    assert reason in refusal([edited_log(tmp_path, SEED_LOGS[0], lambda t: cut(t) + "\n", "retermed.txt")])
+
+
+def test_eval_line_whose_loss_and_bpb_disagree_is_refused(tmp_path):
+    # 1e-6 nats is 200 units of the printed 8th decimal: far beyond rounding (bpb moves 7e-7).
+    edit = lambda t: t.replace("final_roundtrip val_loss:2.04583341", "final_roundtrip val_loss:2.04583441")
+    msg = refusal([edited_log(tmp_path, SEED_LOGS[0], edit)])
+    assert "'final_roundtrip' val_bpb 1.21165355 disagrees with its val_loss 2.04583441" in msg
+    # Every eval line of the committed logs holds within half a unit of the last printed digit.
+    for path in SEED_LOGS + [ROOT / "logs" / "submission_quickstart_cpu.txt"]:
+        assert logparse.parse_log(path).defects == []
+
+
+def small_artifact_log(tmp_path, sha=None, size=1000):
+    """seed42's log re-labelled for a `size`-byte artifact at tmp_path/rec.pgart (sha256 logged when given)."""
+    def edit(text):
+        text = re.sub(r"artifact path:\S+ bytes_code:425 bytes_model:\d+ bytes_total:\d+",
+                      f"artifact path:{tmp_path / 'rec.pgart'} bytes_code:425 bytes_model:{size} bytes_total:{425 + size}"
+                      + (f" sha256:{sha}" if sha else ""), text)
+        return text.replace("bytes_total:15871455 train_time_ms", f"bytes_total:{425 + size} train_time_ms")
+    return edited_log(tmp_path, SEED_LOGS[1], edit)
+
+
+def test_artifact_sha256_is_parsed_carried_and_checked(tmp_path):
+    import hashlib
+    blob = bytes(range(256)) * 4  # 1024 bytes
+    sha = hashlib.sha256(blob).hexdigest()
+    log = small_artifact_log(tmp_path, sha, len(blob))
+    run = logparse.parse_log(log)
+    assert run.artifact["sha256"] == sha and run.problems() == []
+    (tmp_path / "rec.pgart").write_bytes(blob)
+    sub = make_submission.build_submission([run], **IDENTITY)
+    assert sub["seeds"][0]["artifact_sha256"] == sha
+    # The file at the logged path is checked; so is one given explicitly.
+    (tmp_path / "rec.pgart").write_bytes(blob[::-1])
+    assert "is not the artifact" in refusal([log])
+    other = tmp_path / "given.pgart"
+    other.write_bytes(blob)
+    assert make_submission.build_submission([run], **IDENTITY, artifacts=[str(other)])["seeds"][0]["artifact_sha256"] == sha
+    with pytest.raises(logparse.LogError, match="cannot read"):
+        make_submission.build_submission([run], **IDENTITY, artifacts=[str(tmp_path / "missing.pgart")])

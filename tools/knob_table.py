@@ -33,9 +33,12 @@ def main():
         print(table)
         return
     path = Path(args.write)
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except OSError as e:
+        sys.exit(f"error: {path}: cannot read: {e.strerror or e}")
     if BEGIN not in text or END not in text:
-        sys.exit(f"{path}: no {BEGIN} ... {END} markers")
+        sys.exit(f"error: {path}: no {BEGIN} ... {END} markers")
     path.write_text(re.sub(f"{BEGIN}.*?{END}", lambda _: f"{BEGIN}\n{table}\n{END}", text, flags=re.S))
 
 

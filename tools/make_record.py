@@ -107,7 +107,9 @@ def render_readme(sub, runs, sig_lines, plot_note, script_packed, log_names):
           f"- code: `train_gpt.py`, {sub['bytes_code']:,} bytes, sha256 `{sub['code_sha256']}`"
           + (" (self-extracting: read it with `python tools/pack_code.py --unpack train_gpt.py`)" if script_packed else ""),
           f"- model: {max(r.artifact['bytes_model'] for r in runs):,} bytes at most, compressor `{art['compressor']}`",
-          f"- total: {sub['bytes_total']:,} bytes at most, limit {art['limit']:,}", "",
+          f"- total: {sub['bytes_total']:,} bytes at most, limit {art['limit']:,}",
+          *(f"- seed {e['seed']} artifact sha256 `{e['artifact_sha256']}`" for e in sub["seeds"] if "artifact_sha256" in e),
+          "",
           "## Time", "",
           f"- training: {max(r.final['train_time_ms'] for r in runs) / 1000:.1f} s at most "
           f"(cap MAX_WALLCLOCK_SECONDS={first.config.get('MAX_WALLCLOCK_SECONDS', '?')})",
@@ -173,7 +175,8 @@ def main(argv=None):
     ap.add_argument("--force", action="store_true", help="replace an existing record folder")
     ap.add_argument("--no-plot", action="store_true", help="skip the loss-curve PNG")
     args = ap.parse_args(argv)
-    identity = dict(name=args.name, author=args.author, github_id=args.github_id, blurb=args.blurb, date=args.date)
+    identity = dict(name=args.name, author=args.author, github_id=args.github_id, blurb=args.blurb, date=args.date,
+                    artifacts=args.artifact)
     record = None
     if args.record_val_loss is not None or args.record_bpb is not None:
         record = dict(record_val_loss=args.record_val_loss, record_bpb=args.record_bpb,
@@ -183,6 +186,9 @@ def main(argv=None):
                                              record, args.force, not args.no_plot)
     except ValueError as e:  # LogError included: refusals carry their reason
         print(f"refused: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the script, requirements or output folder cannot be read or written
+        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
     print(f"wrote {folder}: val_bpb {sub['val_bpb']} over {len(sub['seeds'])} seed(s), "
           f"bytes_total {sub['bytes_total']}, bytes_code {sub['bytes_code']}")

@@ -1,7 +1,10 @@
 """Write submission.json from run logs, so that every number in it is one a log printed.
 
-Refuses (exit 2, with the reason) when a log is incomplete, over the byte budget or over
-the eval time limit, or when the logs disagree on code hash, config or hardware.
+Refuses (exit 2, with the reason) when a log cannot be read, is incomplete, holds an error line,
+is an EVAL_ONLY run, holds more than one run, contradicts itself, is over the byte budget or over
+the eval time limit, or when the logs disagree on code hash, config or hardware; and when an
+artifact file (given with --artifact, or present at the path its log names) is not the one the
+log measured.
 With several seed logs the headline val_loss/val_bpb are the mean over seeds, bytes_total
 is the largest seed's (every seed must fit), and each seed's own numbers are listed.
 """
@@ -12,7 +15,7 @@ import json
 import os
 import sys
 
-from logparse import LogError, check_consistent, mean_std, parse_log
+from logparse import LogError, check_artifact, check_consistent, mean_std, parse_log
 
 TRACK = "10min_16mb"
 
@@ -24,6 +27,7 @@ def hardware(run):
 
 
 def seed_entry(run):
+    sha = {"artifact_sha256": run.artifact["sha256"]} if "sha256" in run.artifact else {}
     return {
         "seed": run.seed,
         "log": os.path.basename(run.path),
@@ -34,11 +38,17 @@ def seed_entry(run):
         "steps": run.last_step,
         "train_time_ms": run.final["train_time_ms"],
         "eval_time_ms": run.final["eval_time_ms"],
+        **sha,
     }
 
 
-def build_submission(runs, name, author, github_id, blurb="", date=None):
+def build_submission(runs, name, author, github_id, blurb="", date=None, artifacts=None):
+    """artifacts: one file per run to check against its log (None: check those present at the logged paths)."""
     check_consistent(runs)
+    if artifacts is not None and len(artifacts) != len(runs):
+        raise LogError(f"{len(artifacts)} --artifact files for {len(runs)} logs (give one per log, in the same order)")
+    for run, path in zip(runs, artifacts or [None] * len(runs)):
+        check_artifact(run, path)
     first = runs[0]
     loss_mean, loss_std = mean_std([r.final["val_loss"] for r in runs])
     bpb_mean, bpb_std = mean_std([r.final["val_bpb"] for r in runs])
@@ -75,6 +85,9 @@ def add_identity_args(ap):
     ap.add_argument("--github-id", required=True, help="author's GitHub user name")
     ap.add_argument("--blurb", default="", help="one or two sentences on what the submission does")
     ap.add_argument("--date", help="ISO date/time (default: now, UTC)")
+    ap.add_argument("--artifact", action="append", metavar="FILE",
+                    help="the artifact a log measured, once per log in the same order (default: the file at the "
+                         "log's artifact path, when present)")
 
 
 def main(argv=None):
@@ -85,11 +98,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         sub = build_submission([parse_log(p) for p in args.logs], args.name, args.author,
-                               args.github_id, args.blurb, args.date)
+                               args.github_id, args.blurb, args.date, args.artifact)
     except LogError as e:
         print(f"refused: {e}", file=sys.stderr)
         return 2
-    write_submission(sub, args.out)
+    try:
+        write_submission(sub, args.out)
+    except OSError as e:
+        print(f"error: {args.out}: cannot write: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}: val_loss {sub['val_loss']} val_bpb {sub['val_bpb']} "
           f"bytes_total {sub['bytes_total']} over {len(sub['seeds'])} seed(s)")
     return 0

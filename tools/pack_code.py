@@ -91,8 +91,12 @@ def main(argv=None):
     ap.add_argument("--keep-docstrings", action="store_true", help="minify without dropping docstrings")
     ap.add_argument("--unpack", action="store_true", help="print the source a packed script runs, and exit")
     args = ap.parse_args(argv)
-    with open(args.script, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(args.script, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"error: {args.script}: cannot read: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        return 2
     try:
         if args.unpack:
             sys.stdout.write(unpack(text))

@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from logparse import parse_log
+from logparse import LogError, parse_log
 
 
 class MissingMatplotlib(RuntimeError):
@@ -69,6 +69,12 @@ def main(argv=None):
         plot_curves([parse_log(p) for p in args.logs], args.out, args.x)
     except MissingMatplotlib as e:
         print(f"error: {e}; no plot drawn", file=sys.stderr)
+        return 2
+    except LogError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {args.out}: cannot write: {e.strerror or e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}")
     return 0
