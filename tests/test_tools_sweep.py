@@ -10,25 +10,26 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import sweep  # noqa: E402
 
-# Stands in for train_gpt.py: writes contract log lines whose val_bpb depends on LR, fails on LR=bad,
+# Stands in for train_gpt.py: writes contract log lines (self-consistent) whose val_bpb depends on LR, fails on LR=bad,
 # and counts its launches so the resume test can see which runs were repeated.
 FAKE_TRAIN = r'''
-import os, sys
+import math, os, sys
 run_id, lr = os.environ["RUN_ID"], os.environ.get("LR", "1")
 with open("launches.txt", "a") as f:
     f.write(run_id + "\n")
 if lr == "bad":
     sys.exit("ConfigError: LR='bad': expected a number")
 bpb, model = 1.0 + abs(float(lr) - 2) / 10, int(900 * float(lr))
+loss = bpb * math.log(2) * 20 / 10  # val_bpb = val_loss / ln 2 * tokens / bytes, as tools/logparse.py checks
 total = 100 + model
 os.makedirs("logs", exist_ok=True)
 lines = [
     "code path:fake.py bytes_code:100 code_sha256:" + "0" * 64,
     "step:10/10 train_loss:3.0000 train_time:500 step_avg:50.00 tok_s:1000",
-    f"final_roundtrip val_loss:{bpb * 2:.8f} val_bpb:{bpb:.8f} tokens:10 bytes:20 eval_ms:5",
+    f"final_roundtrip val_loss:{loss:.8f} val_bpb:{bpb:.8f} tokens:10 bytes:20 eval_ms:5",
     f"artifact path:{os.environ['ARTIFACT_PATH']} bytes_code:100 bytes_model:{model} bytes_total:{total} limit:4000 compressor:zstd",
     "eval_time total_ms:5 limit_ms:600000",
-    f"final_result label:final_roundtrip val_loss:{bpb * 2:.8f} val_bpb:{bpb:.8f} bytes_total:{total} train_time_ms:500 eval_time_ms:5",
+    f"final_result label:final_roundtrip val_loss:{loss:.8f} val_bpb:{bpb:.8f} bytes_total:{total} train_time_ms:500 eval_time_ms:5",
 ]
 with open(f"logs/{run_id}.txt", "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -60,7 +61,7 @@ def test_failing_config_is_reported_and_the_sweep_goes_on(fake_train, tmp_path, 
     rows = table_rows(out)
     # best val_bpb first: LR=2.5 -> 1.05, LR=1 -> 1.1; the failed run last with its reason
     assert [r[0] for r in rows] == ["2.5", "1", "bad"]
-    assert rows[0][1:6] == ["2.100000", "1.050000", "2350", "50.0", "10"]
+    assert rows[0][1:6] == ["1.455609", "1.050000", "2350", "50.0", "10"]  # val_loss = 1.05 * ln 2 * 2
     assert rows[1][6] == "ok"
     assert rows[2][1:5] == ["-"] * 4 and "failed rc=1: ConfigError: LR='bad'" in " ".join(rows[2])
     assert (tmp_path / "sweeps/lr/LR-1/log.txt").read_text().startswith("code path:fake.py")
