@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-import train_gpt as tg  # noqa: E402
-from minigolf import PRESETS, cpu_machine, english_data, git_commit, tiny_data  # noqa: E402
+import repo_paths  # noqa: F401  (puts the repository on sys.path for train_gpt)
+import train_gpt as tg
+from minigolf import PRESETS, cpu_machine, english_data, git_commit, tiny_data
+
+REPO = repo_paths.REPO
 
 VARIANTS = {
     "RTN int6": dict(QUANT="rtn", ATTN_BITS=6, MLP_BITS=6, LQER_RANK=0),

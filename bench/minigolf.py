@@ -14,7 +14,8 @@ Per run it reports steps, tokens/s (all processes), last train loss, final_prequ
 / final_sliding / final_ttt val_bpb, artifact bytes, eval seconds and each process's peak RSS
 (measured by GNU time), and appends one markdown row to bench/RESULTS.md (--results). Compare
 configurations at equal wallclock, and only when the difference beats the min..max spread of
---repeats 3 (printed at the end). Run files go to bench/runs/<run_id>/ (git-ignored).
+--repeats 3 (printed at the end). Run files go to bench/runs/<run_id>/ (git-ignored; --runs-dir), train_gpt.py's
+own log included (it runs there, so it writes nothing into logs/).
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "data"))
-from convert_text import iter_texts, write_shards  # noqa: E402
-from tools.logparse import parse_text  # noqa: E402
+import repo_paths  # noqa: F401  (puts the repository, data/ and tools/ on sys.path)
+from convert_text import iter_texts, write_shards
+from logparse import parse_text
+
+REPO = repo_paths.REPO
 
 SHARED = REPO.parent / "shared"
 CORPUS = SHARED / "corpora" / "english.jsonl"
@@ -117,7 +118,7 @@ def tiny_data() -> dict:
 
 
 def summarize_log(text: str) -> dict:
-    """Figures of one run from its train_gpt.py log (CONTRACT.md lines); missing ones are None."""
+    """Figures of one run from its train_gpt.py log (read by tools/logparse.py); missing ones are None."""
     run = parse_text(text)
     last = run.train_steps[-1] if run.train_steps else None
     # the wallclock stop may fall between logged step lines; its line has the final step and time
@@ -252,8 +253,8 @@ def run_train(env: dict, nproc: int, run_dir: Path, guard_s: float) -> tuple[str
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "--no-python", "sh", "-c", shim, *shim_args]
     with open(run_dir / "stdout.txt", "w") as out, open(run_dir / "stderr.txt", "w") as err:
-        # own session, so a hung run is killed with all its workers
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, start_new_session=True)
+        # own session, so a hung run is killed with all its workers; run_dir as cwd keeps its logs/ there
+        proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=out, stderr=err, start_new_session=True)
         try:
             rc = proc.wait(timeout=guard_s)
             status = "ok" if rc == 0 else f"exit {rc}"
@@ -299,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-tokens", type=int, default=5_000_000,
                    help="english: training tokens cached (default 5M, more than a 300 s CPU run reads)")
     p.add_argument("--results", default=str(RESULTS), help="markdown table to append to (default bench/RESULTS.md)")
+    p.add_argument("--runs-dir", default=str(RUNS), help="where each run's folder goes (default bench/runs)")
     return p
 
 
@@ -330,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.repeats):
         stamp = dt.datetime.now(dt.timezone.utc)
         run_id = f"minigolf_{args.preset}_{stamp:%Y%m%d_%H%M%S}_{os.getpid()}_r{i}"
-        run_dir = RUNS / run_id
+        run_dir = Path(args.runs_dir).resolve() / run_id
         run_dir.mkdir(parents=True, exist_ok=True)
         env = {**base_env, **{k: str(v) for k, v in config.items()},
                "RUN_ID": run_id, "ARTIFACT_PATH": str(run_dir / "model.pgart")}

@@ -18,10 +18,9 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from minigolf import append_row, git_commit  # noqa: E402
-from tools.logparse import parse_text  # noqa: E402
+import repo_paths  # noqa: F401  (puts tools/ on sys.path for logparse)
+from logparse import parse_text
+from minigolf import append_row, git_commit
 
 FULL_VAL_TOKENS_SP1024 = 62_021_632  # fineweb_val_000000.bin of the published sp1024 export
 TARGET_GPUS = 8
@@ -37,17 +36,6 @@ def split_timestamps(text: str) -> list[tuple[float, str]]:
             out.append((float(stamp), line))
         except ValueError:
             continue
-    return out
-
-
-def events(lines: list[tuple[float, str]]) -> dict[str, dict[str, str]]:
-    """Last occurrence of each 'word key:value ...' line (warmup, gptq_calibration, quantize, ...)."""
-    out = {}
-    for _, line in lines:
-        head, *rest = line.split(" ")
-        pairs = [tok for tok in rest if ":" in tok]  # free text like "(compile priming)" is skipped
-        if head.isidentifier() and pairs:
-            out[head] = dict(tok.partition(":")[::2] for tok in pairs)
     return out
 
 
@@ -70,9 +58,8 @@ def steady_step_ms(train_steps: list[dict]) -> float | None:
 def report(text: str, full_val_tokens: int) -> tuple[str, dict]:
     """(report text, figures by key) for one probe log."""
     lines = split_timestamps(text)
-    run = parse_text("\n".join(line for _, line in lines))
-    cfg, env, misc = run.config, run.env or {}, run.misc
-    ev = events(lines)
+    run = parse_text("\n".join(line for _, line in lines) + "\n")
+    cfg, env, misc, ev = run.config, run.env or {}, run.misc, run.events
     out: list[str] = []
     fig: dict = {}
 
@@ -83,8 +70,8 @@ def report(text: str, full_val_tokens: int) -> tuple[str, dict]:
         out.append(f"{key}: {'n/a' if value is None else value}" + (f"    # {note}" if note else ""))
 
     out.append("# GPU probe (one GPU, record shape, synthetic data)")
-    code = ev.get("probe_exit", {}).get("code", "")
-    put("exit_code", int(code) if code.isdigit() else None, "124 = killed by the probe's timeout")
+    code = ev.get("probe_exit", {}).get("code")
+    put("exit_code", code if isinstance(code, int) else None, "124 = killed by the probe's timeout")
     put("complete", run.final is not None)
     put("wall_s", _num(ev.get("probe_exit", {}).get("wall_s")))
     fig["finished_at"] = lines[-1][0] if lines else None
@@ -124,15 +111,11 @@ def report(text: str, full_val_tokens: int) -> tuple[str, dict]:
     put("gptq_calibration_s", calib, "Hessian collection (logged)")
     put("quantize_s", quant, f"method {ev.get('quantize', {}).get('method')} (logged)")
     put("gptq_s", calib + quant if calib is not None and quant is not None else None, "calibration + quantization")
-    put("calibration_and_export_s", _num(ev.get("train_total", {}).get("export_ms"), 1e-3),
+    put("calibration_and_export_s", _num((run.train_total or {}).get("export_ms"), 1e-3),
         "calibration + quantization + compression + write, counted against GPTQ_RESERVE_SECONDS (logged)")
-    progress = {}
-    for _, line in lines:
-        if line.startswith("progress "):
-            fields = dict(tok.partition(":")[::2] for tok in line.split(" ")[1:])
-            progress[fields.get("phase")] = fields.get("elapsed_s")
+    progress = {p.get("phase"): p.get("elapsed_s") for p in run.progress}
     for phase, elapsed in progress.items():
-        put(f"phase.{phase}_s", elapsed, "last progress line of that eval phase")
+        put(f"phase.{phase}_s", f"{elapsed:g}", "last progress line of that eval phase")
     t_train_end = max((t for t, line in lines if line.startswith(("step:", "stopping_early:"))), default=None)
     if t_train_end is not None:
         out.append("# timeline after training (seconds after the last step line, by line arrival)")

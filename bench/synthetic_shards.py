@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "data"))
-from convert_text import write_shard  # noqa: E402
+import repo_paths  # noqa: F401  (puts data/ on sys.path for convert_text)
+from convert_text import write_shard
 
 BOS_ID = 1
 FIRST_ORDINARY_ID = 4  # after pad, bos, eos, unk

@@ -8,11 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import logparse
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "train_gpt.py"
 TINY = ROOT / "data" / "tiny"
 SHARED = ROOT.parent / "shared"
-sys.path.insert(0, str(ROOT))
+# Where runs and tools write by default; a test must leave nothing new there (pytest tmp dirs only).
+RUN_OUTPUTS = ("logs", "bench/runs", "sweeps", "records")
 
 # A shape that trains in seconds on one CPU core and still exercises every default feature
 # (XSA, partial RoPE, SmearGate, U-Net skips, depth recurrence, parallel residuals, gates).
@@ -35,6 +38,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def _run_outputs():
+    return {str(p.relative_to(ROOT)) for d in RUN_OUTPUTS if (ROOT / d).is_dir() for p in (ROOT / d).rglob("*")}
+
+
+@pytest.fixture(autouse=True)
+def writes_only_to_tmp():
+    """Fails the test that leaves a log, artifact or run folder in the repository."""
+    before = _run_outputs()
+    yield
+    left = sorted(_run_outputs() - before)
+    assert not left, f"the test left files in the repository (write into tmp_path instead): {left[:5]}"
 
 
 def make_args(**overrides):
@@ -89,13 +105,17 @@ def run_train(env, cwd, nproc=1, script=SCRIPT, check=True, timeout=600):
 
 
 def log_value(log, label, key):
-    """The value of key on the last line starting with label."""
-    lines = [ln for ln in log.splitlines() if ln.startswith(label + " ") or ln.startswith(label + ":")]
-    assert lines, f"no '{label}' line in log"
-    for part in lines[-1].split():
-        if part.startswith(key + ":"):
-            return part.split(":", 1)[1]
-    raise AssertionError(f"no {key} on line {lines[-1]!r}")
+    """The value of key on the (last) label line of a log, as tools/logparse.py reads it: numbers as
+    int/float, names as text. label: an eval label, an event (code, artifact, final_result, ...), "config",
+    "step" (the last training step line) or the first key of a key:value line (peak_mem_mib)."""
+    run = logparse.parse_text(log)
+    lines = {"final_result": run.final, "config": run.config, "stopping_early": run.stopping_early,
+             "step": run.train_steps[-1] if run.train_steps else None,
+             **{name: getattr(run, name) for name in ("code", "launch", "env", "artifact", "train_total", "eval_time")}}
+    line = run.evals.get(label) or lines.get(label) or run.events.get(label) or (run.misc if label in run.misc else None)
+    assert line, f"no '{label}' line in log"
+    assert key in line, f"no {key} on the '{label}' line: {line}"
+    return line[key]
 
 
 def needs_shared(*parts):

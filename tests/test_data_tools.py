@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "data"))
+import convert_text
+import download_fineweb
+import make_tiny
+from convert_text import HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION, iter_texts, read_shard, write_shard, write_shards
 
-import convert_text  # noqa: E402
-import download_fineweb  # noqa: E402
-import make_tiny  # noqa: E402
-from convert_text import HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION, iter_texts, read_shard, write_shard, write_shards  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 TINY = REPO / "data" / "tiny"
 TINY_TOKENIZER = TINY / "tokenizer.model"

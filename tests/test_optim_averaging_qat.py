@@ -125,6 +125,7 @@ def test_distributed_muon_equals_one_process(tmp_path):
     spec.loader.exec_module(helper)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HELPERS.parents[1]), env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(HELPERS / "muon_dist.py"), str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=300)

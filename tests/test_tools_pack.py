@@ -4,14 +4,11 @@ import ast
 import hashlib
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
+import pack_code
 
-import pack_code  # noqa: E402
 
 SAMPLE = '''"""Module docstring that the packer drops."""
 from __future__ import annotations

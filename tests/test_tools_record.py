@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
+import logparse
+import make_record
+import plot_curves
 
-import logparse  # noqa: E402
-import make_record  # noqa: E402
-import plot_curves  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 FIXTURES = ROOT / "tests" / "fixtures"
 SEED_LOGS = [FIXTURES / f"seed{s}.txt" for s in (1337, 42, 2025)]

@@ -1,14 +1,9 @@
 """tools/sweep.py: runs configs in turn, survives failures, resumes, prints a sorted table."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
+import sweep
 
-import sweep  # noqa: E402
 
 # Stands in for train_gpt.py: writes contract log lines (self-consistent) whose val_bpb depends on LR, fails on LR=bad,
 # and counts its launches so the resume test can see which runs were repeated.

@@ -1,19 +1,15 @@
 """tools/ against real tiny CPU runs of train_gpt.py (conftest's tiny_env: a few seconds each)."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 from conftest import SCRIPT, TINY, run_train
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
+import logparse
+import make_record
+import pack_code
+import sweep
 
-import logparse  # noqa: E402
-import make_record  # noqa: E402
-import pack_code  # noqa: E402
-import sweep  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (SCRIPT.exists() and (TINY / "tokenizer.model").exists()),
                                 reason="needs train_gpt.py and data/tiny")

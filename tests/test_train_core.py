@@ -2,7 +2,6 @@
 
 import hashlib
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +46,6 @@ def test_resolved_config_logs_every_knob_with_its_source():
 
 
 def test_readme_knob_table_is_generated_from_hyperparameters():
-    sys.path.insert(0, str(SCRIPT.parent / "tools"))
     from knob_table import knob_table
     readme = (SCRIPT.parent / "README.md").read_text()
     assert knob_table() in readme, "README knob table is stale: run python tools/knob_table.py --write README.md"

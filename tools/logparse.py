@@ -69,6 +69,8 @@ class RunLog:
     stopping_early: dict = None
     final: dict = None
     misc: dict = field(default_factory=dict)  # attention_backend, model_params, peak_mem_mib, ...
+    events: dict = field(default_factory=dict)  # other "word key:value ..." lines (warmup, quantize, ...), last wins
+    progress: list = field(default_factory=list)  # "progress phase:... elapsed_s:..." lines, in order
     runs_in_file: int = 0  # number of "code" lines: more than one means logs were concatenated
     defects: list = field(default_factory=list)  # lines that contradict themselves or the rest of the log
     line_counts: dict = field(default_factory=dict)  # event or eval label -> lines seen
@@ -284,6 +286,14 @@ def parse_text(text, path="<text>"):
                 defect = _eval_defect(head, rest, pairs)
                 if defect:
                     run.defects.append(defect)
+            elif pairs is None:  # free text after the pairs, e.g. "warmup steps:20 ms:88500 (compile priming)"
+                pairs = _pairs(tok for tok in rest if ":" in tok)
+                if pairs:
+                    run.events[head] = pairs
+            elif head == "progress":
+                run.progress.append(pairs)
+            elif pairs:
+                run.events[head] = pairs
         else:
             pairs = _pairs(tokens)
             if pairs:

@@ -3,12 +3,10 @@ after MUON_TEST_STEPS steps to <out>/rank<r>.pt. Also imported by the test for t
 
 import os
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import train_gpt as tg  # noqa: E402
+import train_gpt as tg  # the test puts the repository on PYTHONPATH
 
 SHAPES = [(24, 8), (8, 24), (16, 16), (32, 12), (12, 20)]  # five matrices: ranks own uneven shares
 
