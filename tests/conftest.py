@@ -30,6 +30,13 @@ TINY_ENV = dict(
 )
 
 
+def pytest_collection_modifyitems(items):
+    """tiny_env exists to run train_gpt.py as a process, so a test that takes it is slow even if unmarked."""
+    for item in items:
+        if "tiny_env" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """One intra-op thread: on a shared 2-core machine a second spinning thread slows tiny ops 10-40x."""
@@ -84,6 +91,7 @@ def tiny_data(tmp_path_factory):
 
 @pytest.fixture
 def tiny_env(tmp_path, tiny_data):
+    """Environment for running train_gpt.py as a process on the tiny shape (tests taking it are `slow`)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(TINY_ENV, DATA_PATH=str(tiny_data), TOKENIZER_PATH=str(TINY / "tokenizer.model"),
                RUN_ID="tiny", ARTIFACT_PATH=str(tmp_path / "model.pgart"), OMP_NUM_THREADS="1")

@@ -84,10 +84,12 @@ def check_expected_recompilations(output):
     return log
 
 
+@pytest.mark.slow
 def test_compiled_run_recompiles_only_where_the_design_expects(tmp_path, tiny_env):
     check_expected_recompilations(compiled_run(tmp_path, tiny_env, "eager", 600))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="inductor on CPU compiles for 3-10 minutes; set RUN_SLOW=1")
 def test_inductor_bf16_run_recompiles_only_where_expected_and_matches_eager_numbers(tmp_path, tiny_env):
     log = check_expected_recompilations(compiled_run(tmp_path, tiny_env, "inductor", 1800))
@@ -99,6 +101,7 @@ def test_inductor_bf16_run_recompiles_only_where_expected_and_matches_eager_numb
     assert last < first < 6.0
 
 
+@pytest.mark.slow
 def test_bf16_autocast_cpu_run_without_compile_matches_fp32_closely(tmp_path, tiny_env):
     """AUTOCAST=bf16 on CPU without compile: the same pipeline, numbers within bf16 noise of fp32."""
     results = {}

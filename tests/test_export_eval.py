@@ -150,6 +150,7 @@ def test_ttt_adapts_and_improves_on_repetitive_text():
 # --- whole-program runs -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_eval_only_reproduces_round_trip_on_one_and_two_ranks(tmp_path, tiny_env):
     tiny_env.update(EVAL_STRIDE="16")
     _, log = run_train(tiny_env, tmp_path)
@@ -167,6 +168,7 @@ def test_eval_only_reproduces_round_trip_on_one_and_two_ranks(tmp_path, tiny_env
     assert clash.returncode != 0 and "NUM_LAYERS=3 (artifact: 2)" in clash.stderr
 
 
+@pytest.mark.slow
 def test_ttt_stops_adapting_at_the_eval_budget_but_scores_every_token(tmp_path, tiny_env):
     tiny_env.update(TTT_ENABLED="1", TTT_CHUNK_TOKENS="256", EVAL_MAX_SECONDS="0.001")
     _, log = run_train(tiny_env, tmp_path)

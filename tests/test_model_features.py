@@ -424,6 +424,7 @@ def test_attention_backend_on_cpu():
 # --- end to end ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tiny_run_with_every_feature_learns_and_round_trips(tmp_path, tiny_env):
     tiny_env.update(ITERATIONS="30", TRAIN_LOG_EVERY="1", BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16", VE_DIM="8",
                     VE_LAYERS="0,1", DOC_MASK="1", QUANT="rtn")

@@ -119,6 +119,7 @@ def test_muon_two_steps_match_hand_computation(method, shape, aspect_scale, row_
     assert (p.detach() - p0).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_distributed_muon_equals_one_process(tmp_path):
     spec = importlib.util.spec_from_file_location("muon_dist", HELPERS / "muon_dist.py")
     helper = importlib.util.module_from_spec(spec)
@@ -371,6 +372,7 @@ def test_late_qat_forward_equals_the_exported_model_forward(tie):
         assert torch.equal(model.logits(model.hidden(x)), float_logits)
 
 
+@pytest.mark.slow
 def test_end_to_end_late_qat_switches_on_in_warmdown_and_ema_is_exported(tmp_path, tiny_env):
     # lr_scale(step) = 0.1 + 0.9 * (1 - step/8) / 0.85 in the warmdown: first below 0.5 at step 5
     tiny_env.update(LATE_QAT_THRESHOLD="0.5", AVERAGING="ema", EMA_DECAY="0.9", QUANT="rtn")

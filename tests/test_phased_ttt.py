@@ -130,6 +130,7 @@ def test_budget_guard_stops_adapting_but_scores_everything(tmp_path):
     assert r.nll == pytest.approx(frozen.nll, rel=1e-9)  # nothing was adapted
 
 
+@pytest.mark.slow
 def test_one_and_two_ranks_agree_and_phased_ttt_is_the_final_result(tmp_path, tiny_env):
     tiny_env.update(PHASED_TTT_ENABLED="1", PHASED_TTT_CHUNK_TOKENS="32", PHASED_TTT_DOCS_PER_BATCH="3",
                     PHASED_TTT_NUM_PHASES="2", PHASED_TTT_PREFIX_DOCS="8", TTT_LR="0.02")

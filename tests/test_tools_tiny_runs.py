@@ -11,8 +11,8 @@ import pack_code
 import sweep
 
 
-pytestmark = pytest.mark.skipif(not (SCRIPT.exists() and (TINY / "tokenizer.model").exists()),
-                                reason="needs train_gpt.py and data/tiny")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (TINY / "tokenizer.model").exists(), reason="needs data/tiny")]
 
 
 def test_packed_train_gpt_logs_the_same_values_and_counts_its_own_bytes(tmp_path, tiny_env):

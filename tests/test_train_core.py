@@ -259,6 +259,7 @@ def test_corrupt_artifacts_give_specific_errors(tmp_path):
 # --- end to end ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_end_to_end_tiny_run_logs_artifact_and_round_trips(tmp_path, tiny_env):
     _, log = run_train(tiny_env, tmp_path)
     for label in ("step:8/8 train_loss:", "attention_backend:sdpa", "model_params:", "final_prequant ",
@@ -275,6 +276,7 @@ def test_end_to_end_tiny_run_logs_artifact_and_round_trips(tmp_path, tiny_env):
     assert log_value(log, "code", "code_sha256") == hashlib.sha256(SCRIPT.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_every_token_scored_once_when_val_length_is_a_multiple_of_seq_len(tmp_path, tiny_env):
     write_shard(tmp_path / "fineweb_val_000000.bin", read_tokens(TINY / "fineweb_val_000000.bin")[:641])
     (tmp_path / "fineweb_train_000000.bin").symlink_to(TINY / "fineweb_train_000000.bin")
@@ -284,6 +286,7 @@ def test_every_token_scored_once_when_val_length_is_a_multiple_of_seq_len(tmp_pa
         assert int(log_value(log, label, "tokens")) == 640
 
 
+@pytest.mark.slow
 def test_over_budget_artifact_is_saved_logged_and_fails(tmp_path, tiny_env):
     tiny_env.update(ARTIFACT_BUDGET="50000")
     proc, log = run_train(tiny_env, tmp_path, check=False)
@@ -292,6 +295,7 @@ def test_over_budget_artifact_is_saved_logged_and_fails(tmp_path, tiny_env):
     assert Path(tiny_env["ARTIFACT_PATH"]).exists() and "final_result" in log
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process(tmp_path, tiny_env):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()

@@ -28,9 +28,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write", metavar="README", help="replace the table between the knobs markers in this file")
     args = ap.parse_args()
-    table = knob_table()
     if not args.write:
-        print(table)
+        print(knob_table())
         return
     path = Path(args.write)
     try:
@@ -39,6 +38,7 @@ def main():
         sys.exit(f"error: {path}: cannot read: {e.strerror or e}")
     if BEGIN not in text or END not in text:
         sys.exit(f"error: {path}: no {BEGIN} ... {END} markers")
+    table = knob_table()
     path.write_text(re.sub(f"{BEGIN}.*?{END}", lambda _: f"{BEGIN}\n{table}\n{END}", text, flags=re.S))
 
 
