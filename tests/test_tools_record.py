@@ -102,3 +102,23 @@ def test_plot_and_record_include_curves_when_matplotlib_is_installed(tmp_path):
     folder = tmp_path / "records" / "2026-03-30_Fixture_Run"
     assert (folder / "curves.png").stat().st_size > 1000
     assert "![train and validation loss](curves.png)" in (folder / "README.md").read_text()
+
+
+def test_record_carries_and_checks_the_artifact_sha256(tmp_path, capsys):
+    import hashlib
+
+    from test_tools_logs import small_artifact_log
+    blob = b"\x01\x02" * 512
+    sha = hashlib.sha256(blob).hexdigest()
+    log = small_artifact_log(tmp_path, sha, len(blob))
+    given = tmp_path / "seed42.pgart"
+    given.write_bytes(blob)
+    args = record_args(tmp_path, "--no-plot", "--artifact", str(given))
+    args[:3] = [str(log)]  # one seed: the re-labelled seed42 log
+    assert make_record.main(args) == 0
+    folder = tmp_path / "records" / "2026-03-30_Fixture_Run"
+    assert json.loads((folder / "submission.json").read_text())["seeds"][0]["artifact_sha256"] == sha
+    assert f"- seed 42 artifact sha256 `{sha}`" in (folder / "README.md").read_text()
+    given.write_bytes(blob[:-1])
+    assert make_record.main(args + ["--force"]) == 2
+    assert "is not the artifact" in capsys.readouterr().err
