@@ -256,8 +256,9 @@ def test_two_concurrent_runs_in_one_log_are_refused(tmp_path):
 
 @pytest.mark.parametrize("cut_after, reason", [
     ("eval_time_ms:82", "final_result eval_time_ms 82 differs from the total_ms 82326"),
-    ("val_loss:2.0118", "'final_result' line is cut or edited: no val_bpb, bytes_total, train_time_ms, eval_time_ms"),
-    ("label:final_sl", "'final_result' line is cut or edited: no val_loss,"),
+    ("val_loss:2.0118", "'final_result' line is cut or edited: val_bpb, bytes_total, train_time_ms, eval_time_ms missing"),
+    ("label:final_sl", "'final_result' line is cut or edited: val_loss, val_bpb,"),
+    ("bytes_total:", "'final_result' line is cut or edited: bytes_total, train_time_ms, eval_time_ms missing"),
 ])
 def test_cut_final_result_is_refused_never_misread(tmp_path, cut_after, reason):
     def cut(text):

@@ -151,7 +151,7 @@ class RunLog:
         if f is None:  # a cut final_result line is already reported as a defect
             cut = "final_result" in self.line_counts
             return [] if cut else ["incomplete: no final_result line (run crashed or is still running)"]
-        bad = [k for k in FINAL_KEYS[1:] if not (isinstance(f[k], (int, float)) and math.isfinite(f[k]))]
+        bad = [k for k in FINAL_KEYS[1:] if not math.isfinite(f[k])]
         if bad:
             return [f"final_result {', '.join(bad)} are not finite numbers ({', '.join(str(f[k]) for k in bad)})"]
         if self.score is None:
@@ -176,7 +176,7 @@ class RunLog:
             out.append("artifact bytes_code + bytes_model != bytes_total")
         if self.code is not None and a["bytes_code"] != self.code["bytes_code"]:
             out.append("artifact bytes_code differs from the code line's")
-        if self.final is not None and self.final.get("bytes_total", a["bytes_total"]) != a["bytes_total"]:
+        if self.final is not None and self.final["bytes_total"] != a["bytes_total"]:
             out.append("final_result bytes_total differs from the artifact line's")
         return out
 
@@ -191,6 +191,10 @@ _REQUIRED = {"code": ("bytes_code", "code_sha256"), "artifact": ("bytes_code", "
              "train_total": ("steps", "total_ms"), "eval_time": ("total_ms", "limit_ms"), "final_result": FINAL_KEYS}
 
 
+def _is_number(value):
+    return isinstance(value, (int, float))
+
+
 def _decimals(token):
     return len(token.partition(":")[2].partition(".")[2])
 
@@ -198,7 +202,9 @@ def _decimals(token):
 def _eval_defect(label, tokens, pairs):
     """val_bpb must equal val_loss / ln 2 * tokens / bytes up to the rounding of the printed digits."""
     loss, bpb, ntok, nbytes = (pairs[k] for k in EVAL_KEYS)
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (loss, bpb)) or nbytes <= 0:
+    if not all(map(_is_number, (loss, bpb, ntok, nbytes))):
+        return f"'{label}' line is cut or edited: val_loss, val_bpb, tokens and bytes must be numbers"
+    if not (math.isfinite(loss) and math.isfinite(bpb)) or nbytes <= 0:
         return None
     digits = {tok.partition(":")[0]: _decimals(tok) for tok in tokens}
     ratio = ntok / nbytes / math.log(2)
@@ -230,9 +236,9 @@ def _add_step(run, head, rest, last_steps):
 def _add_event(run, head, rest, pairs):
     if head not in ("code", "config"):  # code lines are counted as runs; config lines once per knob
         run.line_counts[head] = run.line_counts.get(head, 0) + 1
-    missing = [k for k in _REQUIRED.get(head, ()) if k not in pairs]
+    missing = [k for k in _REQUIRED.get(head, ()) if k not in pairs or not _is_number(pairs[k]) and k not in _TEXT_KEYS]
     if missing:
-        run.defects.append(f"'{head}' line is cut or edited: no {', '.join(missing)}")
+        run.defects.append(f"'{head}' line is cut or edited: {', '.join(missing)} missing or not a number")
         return
     if head == "config":
         if len(pairs) != 2 or "source" not in pairs:
