@@ -708,8 +708,10 @@ class Attention(nn.Module):
         y = attend(q, k, v, self.backend, doc_ids)
         if self.xsa:
             # Exclusive self-attention: drop the component along the token's own value direction.
-            vhat = F.normalize(v, dim=-1).repeat_interleave(self.h // self.hkv, dim=2)
-            y = y - (y * vhat).sum(-1, keepdim=True) * vhat
+            # Query heads are grouped per KV head; broadcasting over the group avoids copying V.
+            vhat = F.normalize(v, dim=-1)[:, :, :, None]
+            y = y.view(B, T, self.hkv, self.h // self.hkv, self.d)
+            y = (y - (y * vhat).sum(-1, keepdim=True) * vhat).view(B, T, self.h, self.d)
         if self.gate is not None:
             g = 2 * torch.sigmoid(F.linear(x[..., :self.gate.size(1)], self.gate.to(x.dtype)))
             y = y * g[..., None]
