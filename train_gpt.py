@@ -62,7 +62,7 @@ KNOBS = [
     K("STRICT_ENV", 0, bool, "1: an unknown env var that looks like a misspelt knob is an error"),
     K("COMPILE", "auto", ("auto", "0", "1"), "torch.compile (auto: on for CUDA)"),
     K("AUTOCAST", "auto", ("auto", "bf16", "off"), "bf16 autocast (auto: on for CUDA)"),
-    K("ATTN_BACKEND", "auto", ("auto", "fa3", "fa2", "sdpa"), "attention kernel; an unavailable explicit choice is an error"),
+    K("ATTN_BACKEND", "auto", ("auto", "fa4", "fa3", "fa2", "sdpa"), "attention kernel; an unavailable explicit choice is an error"),
     # model shape
     K("NUM_LAYERS", 11, int, "transformer blocks", 1),
     K("MODEL_DIM", 512, int, "residual width", 8),
@@ -612,10 +612,16 @@ class Rotary(nn.Module):
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
 
 
+FLASH_PACKAGES = {"fa4": "flash_attn.cute (pip flash-attn-4, CuTe DSL)", "fa3": "flash_attn_interface (FlashAttention 3)",
+                  "fa2": "flash_attn"}
+
+
 def load_flash_attention(backend: str):
-    """The FlashAttention module for fa3/fa2, or None when it is not installed."""
+    """The FlashAttention module for fa4/fa3/fa2, or None when it is not installed."""
     try:
-        if backend == "fa3":
+        if backend == "fa4":
+            import flash_attn.cute as fa
+        elif backend == "fa3":
             import flash_attn_interface as fa
         else:
             import flash_attn as fa
@@ -625,22 +631,24 @@ def load_flash_attention(backend: str):
 
 
 def select_attention_backend(requested: str, device: torch.device) -> tuple[str, str]:
-    """(backend, reason). auto: FA3 on Hopper, else FA2 on CUDA, else SDPA; an explicit request
-    that cannot be met is an error, never a silent downgrade."""
+    """(backend, reason). auto: FA3 on Hopper, else FA4 on Hopper or newer, else FA2 on CUDA, else
+    SDPA; an explicit request that cannot be met is an error, never a silent downgrade."""
     if requested == "sdpa":
         return "sdpa", "requested"
     on_cuda = device.type == "cuda"
-    if requested in ("fa3", "fa2"):
+    if requested in FLASH_PACKAGES:
         if not on_cuda:
             raise RuntimeError(f"ATTN_BACKEND={requested} needs a CUDA device")
         if load_flash_attention(requested) is None:
-            pkg = "flash_attn_interface (FlashAttention 3)" if requested == "fa3" else "flash_attn"
-            raise RuntimeError(f"ATTN_BACKEND={requested} but {pkg} is not installed")
+            raise RuntimeError(f"ATTN_BACKEND={requested} but {FLASH_PACKAGES[requested]} is not installed")
         return requested, "requested"
     if not on_cuda:
         return "sdpa", "no_cuda"
-    if torch.cuda.get_device_capability(device)[0] == 9 and load_flash_attention("fa3") is not None:
+    major = torch.cuda.get_device_capability(device)[0]
+    if major == 9 and load_flash_attention("fa3") is not None:
         return "fa3", "auto_hopper"
+    if major >= 9 and load_flash_attention("fa4") is not None:
+        return "fa4", "auto_fa3_unavailable"
     if load_flash_attention("fa2") is not None:
         return "fa2", "auto_fa3_unavailable"
     return "sdpa", "auto_flash_attn_not_installed"
@@ -677,7 +685,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, backend: str, doc_ids: Tensor | None
         B, T, H, D = q.shape
         cu, max_len = varlen_segments(doc_ids)
         flat = lambda t: t.reshape(B * T, t.size(2), D)
-        out = fa.flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, max_len, max_len, causal=True)
+        out = fa.flash_attn_varlen_func(flat(q), flat(k), flat(v), cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                        max_seqlen_q=max_len, max_seqlen_k=max_len, causal=True)
         out = (out[0] if isinstance(out, tuple) else out).view(B, T, H, D)
     return out[0] if isinstance(out, tuple) else out
 
