@@ -882,57 +882,95 @@ POLAR_EXPRESS_COEFFS = (
 
 
 def orthogonalize(G: Tensor, steps: int, method: str) -> Tensor:
-    """Approximate the orthogonal polar factor U V^T of G with an odd matrix polynomial iteration."""
+    """Approximate the orthogonal polar factor U V^T of G, or of each matrix of a stack G (..., m, n),
+    with an odd matrix polynomial iteration."""
     X = G.bfloat16() if G.is_cuda else G.float()
-    transposed = X.size(0) > X.size(1)
+    transposed = X.size(-2) > X.size(-1)
     if transposed:
-        X = X.T
+        X = X.mT
+    norm = X.norm(dim=(-2, -1), keepdim=True)
     if method == "polar":
-        X = X / (X.norm() * 1.02 + 1e-7)
+        X = X / (norm * 1.02 + 1e-7)
         coeffs = [POLAR_EXPRESS_COEFFS[min(i, len(POLAR_EXPRESS_COEFFS) - 1)] for i in range(steps)]
     else:
-        X = X / (X.norm() + 1e-7)
+        X = X / (norm + 1e-7)
         coeffs = [NS5_COEFFS] * steps
     for a, b, c in coeffs:
-        A = X @ X.T
+        A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
-    return (X.T if transposed else X).to(G.dtype)
+    return (X.mT if transposed else X).to(G.dtype)
+
+
+class MuonBank:
+    """Same-shape matrices of one param group, updated as one batch. This rank owns params[lo:hi]:
+    their momentum and their orthogonalisation; `gathered` receives every rank's share. All buffers
+    are allocated once."""
+
+    def __init__(self, group: dict, params: list[Tensor], rank: int, world_size: int):
+        self.group, self.params = group, params
+        n, shape = len(params), params[0].shape
+        self.chunk = -(-n // world_size)
+        self.lo, self.hi = min(n, rank * self.chunk), min(n, (rank + 1) * self.chunk)
+        new = lambda k: torch.zeros(k, *shape, device=params[0].device, dtype=params[0].dtype)
+        self.grads, self.momentum = new(self.hi - self.lo), new(self.hi - self.lo)
+        self.send = new(self.chunk) if world_size > 1 else None
+        self.gathered = new(world_size * self.chunk) if world_size > 1 else None
+        self.scale = math.sqrt(max(1.0, shape[0] / shape[1]))
 
 
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum -> optional row normalisation (MuonEq-R) -> orthogonalisation, scaled by
-    sqrt(max(1, rows/cols)), with decoupled weight decay. Across ranks each matrix is orthogonalised
-    by one rank only; the updates are then summed (every slot is written by exactly one rank), so all
-    ranks apply the identical update without repeating the work."""
+    sqrt(max(1, rows/cols)), with decoupled weight decay. Same-shape matrices form banks that are
+    orthogonalised as one batch (compiled on CUDA). Across ranks each rank orthogonalises a
+    contiguous share of every bank and the shares are all-gathered asynchronously, each gather
+    overlapping the next bank's work, so all ranks apply the identical update without repeating it.
+    A missing gradient counts as zero."""
 
     def __init__(self, params, lr: float, momentum: float, steps: int, method: str, row_normalize: bool,
-                 weight_decay: float, rank: int = 0, world_size: int = 1):
+                 weight_decay: float, rank: int = 0, world_size: int = 1, compile: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.steps, self.method, self.row_normalize = steps, method, row_normalize
         self.rank, self.world_size = rank, world_size
+        self.compiled = torch.compile(orthogonalize, dynamic=False) if compile else None
+        self.banks = []
+        for group in self.param_groups:
+            by_shape = {}
+            for p in group["params"]:
+                by_shape.setdefault(tuple(p.shape), []).append(p)
+            self.banks += [MuonBank(group, ps, rank, world_size) for ps in by_shape.values()]
+        for bank in self.banks:
+            for p, buf in zip(bank.params[bank.lo:bank.hi], bank.momentum):
+                self.state[p]["momentum_buffer"] = buf
 
-    def local_update(self, p: Tensor, momentum: float) -> Tensor:
-        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-        buf.mul_(momentum).add_(p.grad)
-        g = p.grad.add(buf, alpha=momentum)
+    def local_update(self, bank: MuonBank) -> Tensor:
+        """The orthogonalised update of this rank's share of the bank."""
+        g, buf, m = bank.grads, bank.momentum, bank.group["momentum"]
+        torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in bank.params[bank.lo:bank.hi]], out=g)
+        buf.mul_(m).add_(g)
+        g.add_(buf, alpha=m)
         if self.row_normalize:
-            g = g / (g.norm(dim=1, keepdim=True) + 1e-7)
-        return orthogonalize(g, self.steps, self.method) * math.sqrt(max(1.0, p.size(0) / p.size(1)))
+            g.div_(g.norm(dim=-1, keepdim=True) + 1e-7)
+        return (self.compiled or orthogonalize)(g, self.steps, self.method) * bank.scale
+
+    @staticmethod
+    def apply(bank: MuonBank, update: Tensor):
+        lr, wd = bank.group["lr"], bank.group["weight_decay"]
+        torch._foreach_mul_(bank.params, 1 - lr * wd)
+        torch._foreach_add_(bank.params, list(update[:len(bank.params)].unbind(0)), alpha=-lr)
 
     @torch.no_grad()
     def step(self):
-        for group in self.param_groups:
-            params = group["params"]
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
-            offsets = np.cumsum([0] + [p.numel() for p in params])
-            for i, p in enumerate(params):
-                if i % self.world_size == self.rank and p.grad is not None:
-                    flat[offsets[i]:offsets[i + 1]] = self.local_update(p, group["momentum"]).flatten()
-            if self.world_size > 1:
-                dist.all_reduce(flat)
-            for i, p in enumerate(params):
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(flat[offsets[i]:offsets[i + 1]].view_as(p).to(p.dtype), alpha=-group["lr"])
+        pending = []
+        for bank in self.banks:
+            if self.world_size == 1:
+                self.apply(bank, self.local_update(bank))
+                continue
+            if bank.hi > bank.lo:
+                bank.send[:bank.hi - bank.lo].copy_(self.local_update(bank))
+            pending.append((bank, dist.all_gather_into_tensor(bank.gathered, bank.send, async_op=True)))
+        for bank, work in pending:
+            work.wait()
+            self.apply(bank, bank.gathered)
 
 
 def build_optimizers(model: GPT, args: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
@@ -954,7 +992,8 @@ def build_optimizers(model: GPT, args: Hyperparameters, rt: Runtime) -> list[tor
     adam = torch.optim.AdamW(groups, betas=(args.beta1, args.beta2), eps=args.adam_eps,
                              fused=rt.device.type == "cuda")
     muon = Muon(matrix, args.matrix_lr, args.muon_momentum, args.muon_backend_steps, args.muon_ns,
-                args.muon_row_normalize, args.muon_wd, rt.rank, rt.world_size)
+                args.muon_row_normalize, args.muon_wd, rt.rank, rt.world_size,
+                compile=rt.compile and rt.device.type == "cuda")
     for opt in (adam, muon):
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]
