@@ -1848,6 +1848,34 @@ def prime_compile(model: GPT, model_fn, args: Hyperparameters, rt: Runtime, load
     rt.log(f"warmup steps:{args.warmup_steps} ms:{1000 * (time.perf_counter() - t0):.0f} (compile priming, weights restored)")
 
 
+class WallclockStop:
+    """Whether the time budget is spent, decided without a device sync per step: the host waits only
+    for the previous step's completion event, so it runs at most one step ahead of the device and its
+    clock lags by at most one step; ranks agree by a host-side (gloo) MAX all-reduce of their flags,
+    so every rank stops after the same step."""
+
+    def __init__(self, rt: Runtime):
+        self.on_cuda, self.queued = rt.device.type == "cuda", None
+        self.group = None
+        if rt.world_size > 1:
+            self.group = dist.new_group(backend="gloo") if self.on_cuda else dist.group.WORLD
+
+    def pace(self):
+        """Call once a step is queued: wait for the step before it."""
+        if self.on_cuda:
+            done, self.queued = self.queued, torch.cuda.Event()
+            self.queued.record()
+            if done is not None:
+                done.synchronize()
+
+    def agreed(self, over: bool) -> bool:
+        if self.group is None:
+            return over
+        flag = torch.tensor([float(over)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+
 def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | None, luts) -> dict:
     accum = grad_accum_steps(args, rt)
     model_fn = torch.compile(model) if rt.compile else model
@@ -1855,6 +1883,7 @@ def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | N
     loader = TrainLoader(args, rt, accum)
     opts = build_optimizers(model, args, rt)
     averager = WeightAverager(model, args)
+    stopper = WallclockStop(rt)
     qat_on = False
     train_ms, step, step_ms = 0.0, 0, 0.0
     budget_ms = (args.max_wallclock_seconds - args.gptq_reserve_seconds) * 1000 if args.max_wallclock_seconds > 0 else math.inf
@@ -1890,9 +1919,10 @@ def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | N
         loss = train_step(model_fn, model, opts, loader.next_batch(), args, rt)
         step += 1
         averager.update(step, progress)
+        stopper.pace()
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
         step_ms = elapsed / step
-        stop = rt.all_reduce(torch.tensor(float(elapsed >= budget_ms), device=rt.device), dist.ReduceOp.MAX).item()
+        stop = stopper.agreed(elapsed >= budget_ms)
         if stop or step % args.train_log_every == 0 or step == args.iterations:
             loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
             rt.log(f"step:{step}/{args.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f} "
