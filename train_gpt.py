@@ -888,6 +888,8 @@ def orthogonalize(G: Tensor, steps: int, method: str) -> Tensor:
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
+    out_shape = X.shape
+    X = X.reshape(-1, *X.shape[-2:])
     norm = X.norm(dim=(-2, -1), keepdim=True)
     if method == "polar":
         X = X / (norm * 1.02 + 1e-7)
@@ -895,9 +897,10 @@ def orthogonalize(G: Tensor, steps: int, method: str) -> Tensor:
     else:
         X = X / (norm + 1e-7)
         coeffs = [NS5_COEFFS] * steps
-    for a, b, c in coeffs:
+    for a, b, c in coeffs:  # X <- a X + (b A + c A^2) X with A = X X^T, scalings fused into the matmuls
         A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
+        X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
+    X = X.view(out_shape)
     return (X.mT if transposed else X).to(G.dtype)
 
 
