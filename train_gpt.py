@@ -929,12 +929,16 @@ class Muon(torch.optim.Optimizer):
     overlapping the next bank's work, so all ranks apply the identical update without repeating it.
     A missing gradient counts as zero."""
 
+    compiled_orthogonalize = None  # one compiled wrapper for every instance: graphs built while priming are reused
+
     def __init__(self, params, lr: float, momentum: float, steps: int, method: str, row_normalize: bool,
                  weight_decay: float, rank: int = 0, world_size: int = 1, compile: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.steps, self.method, self.row_normalize = steps, method, row_normalize
         self.rank, self.world_size = rank, world_size
-        self.compiled = torch.compile(orthogonalize, dynamic=False) if compile else None
+        if compile and Muon.compiled_orthogonalize is None:
+            Muon.compiled_orthogonalize = torch.compile(orthogonalize, dynamic=False)
+        self.compiled = Muon.compiled_orthogonalize if compile else None
         self.banks = []
         for group in self.param_groups:
             by_shape = {}
