@@ -91,6 +91,17 @@ def timed(fn) -> float:
     return 1000 * (time.perf_counter() - t0)
 
 
+def step_profile(opt: torch.optim.Optimizer) -> dict:
+    """Machine-independent counts of one step: top-level aten ops (each a kernel launch or more on a
+    GPU in eager mode), zero-filled allocations, and MiB allocated."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step()
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    top = [e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    return dict(ops=len(top), zero_fills=sum(e.name in ("aten::zeros", "aten::zeros_like") for e in events),
+                alloc_mib=sum(max(e.self_cpu_memory_usage, 0) for e in events) / 2**20)
+
+
 def bench_optimizer(args: tg.Hyperparameters, repeats: int) -> dict:
     """Median ms of one Muon step, legacy and banked, alternating on identical gradients."""
     params = muon_matrices(args)
@@ -103,13 +114,14 @@ def bench_optimizer(args: tg.Hyperparameters, repeats: int) -> dict:
     times = {name: [] for name in opts}
     for name, opt in opts.items():  # warm-up: first-touch allocations
         opt.step()
+    profiles = {name: step_profile(opt) for name, opt in opts.items()}
     for _ in range(repeats):
         for name, opt in opts.items():
             times[name].append(timed(opt.step))
     med = {name: statistics.median(t) for name, t in times.items()}
     shapes = sorted({tuple(p.shape) for p in params})
     return dict(matrices=len(params), banks=len(shapes), legacy_ms=med["legacy"], banked_ms=med["banked"],
-                ratio=med["legacy"] / med["banked"])
+                ratio=med["legacy"] / med["banked"], profiles=profiles)
 
 
 def train_step_runner(args: tg.Hyperparameters, muon_cls):
@@ -153,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     r = bench_optimizer(record, a.repeats)
     print(f"optimizer_step shape:11L_d512_mlp4 matrices:{r['matrices']} banks:{r['banks']} "
           f"legacy_ms:{r['legacy_ms']:.0f} banked_ms:{r['banked_ms']:.0f} ratio:{r['ratio']:.3f}")
+    for name, prof in r["profiles"].items():
+        print(f"optimizer_step_profile muon:{name} aten_ops:{prof['ops']} zero_fills:{prof['zero_fills']} "
+              f"alloc_mib:{prof['alloc_mib']:.0f}")
     small = hyperparameters(VOCAB_SIZE=1024, NUM_LAYERS=a.small_layers, MODEL_DIM=a.small_dim, NUM_HEADS=4,
                             NUM_KV_HEADS=2, XSA_LAST_N=a.small_layers, LOOP_START=1, LOOP_END=2,
                             PARALLEL_RESIDUAL_START=a.small_layers - 1, TRAIN_SEQ_LEN=256,
