@@ -62,7 +62,7 @@ KNOBS = [
     K("STRICT_ENV", 0, bool, "1: an unknown env var that looks like a misspelt knob is an error"),
     K("COMPILE", "auto", ("auto", "0", "1"), "torch.compile (auto: on for CUDA)"),
     K("AUTOCAST", "auto", ("auto", "bf16", "off"), "bf16 autocast (auto: on for CUDA)"),
-    K("ATTN_BACKEND", "auto", ("auto", "fa3", "fa2", "sdpa"), "attention kernel; an unavailable explicit choice is an error"),
+    K("ATTN_BACKEND", "auto", ("auto", "fa4", "fa3", "fa2", "sdpa"), "attention kernel; an unavailable explicit choice is an error"),
     # model shape
     K("NUM_LAYERS", 11, int, "transformer blocks", 1),
     K("MODEL_DIM", 512, int, "residual width", 8),
@@ -612,10 +612,16 @@ class Rotary(nn.Module):
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
 
 
+FLASH_PACKAGES = {"fa4": "flash_attn.cute (pip flash-attn-4, CuTe DSL)", "fa3": "flash_attn_interface (FlashAttention 3)",
+                  "fa2": "flash_attn"}
+
+
 def load_flash_attention(backend: str):
-    """The FlashAttention module for fa3/fa2, or None when it is not installed."""
+    """The FlashAttention module for fa4/fa3/fa2, or None when it is not installed."""
     try:
-        if backend == "fa3":
+        if backend == "fa4":
+            import flash_attn.cute as fa
+        elif backend == "fa3":
             import flash_attn_interface as fa
         else:
             import flash_attn as fa
@@ -625,22 +631,24 @@ def load_flash_attention(backend: str):
 
 
 def select_attention_backend(requested: str, device: torch.device) -> tuple[str, str]:
-    """(backend, reason). auto: FA3 on Hopper, else FA2 on CUDA, else SDPA; an explicit request
-    that cannot be met is an error, never a silent downgrade."""
+    """(backend, reason). auto: FA3 on Hopper, else FA4 on Hopper or newer, else FA2 on CUDA, else
+    SDPA; an explicit request that cannot be met is an error, never a silent downgrade."""
     if requested == "sdpa":
         return "sdpa", "requested"
     on_cuda = device.type == "cuda"
-    if requested in ("fa3", "fa2"):
+    if requested in FLASH_PACKAGES:
         if not on_cuda:
             raise RuntimeError(f"ATTN_BACKEND={requested} needs a CUDA device")
         if load_flash_attention(requested) is None:
-            pkg = "flash_attn_interface (FlashAttention 3)" if requested == "fa3" else "flash_attn"
-            raise RuntimeError(f"ATTN_BACKEND={requested} but {pkg} is not installed")
+            raise RuntimeError(f"ATTN_BACKEND={requested} but {FLASH_PACKAGES[requested]} is not installed")
         return requested, "requested"
     if not on_cuda:
         return "sdpa", "no_cuda"
-    if torch.cuda.get_device_capability(device)[0] == 9 and load_flash_attention("fa3") is not None:
+    major = torch.cuda.get_device_capability(device)[0]
+    if major == 9 and load_flash_attention("fa3") is not None:
         return "fa3", "auto_hopper"
+    if major >= 9 and load_flash_attention("fa4") is not None:
+        return "fa4", "auto_fa3_unavailable"
     if load_flash_attention("fa2") is not None:
         return "fa2", "auto_fa3_unavailable"
     return "sdpa", "auto_flash_attn_not_installed"
@@ -677,7 +685,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, backend: str, doc_ids: Tensor | None
         B, T, H, D = q.shape
         cu, max_len = varlen_segments(doc_ids)
         flat = lambda t: t.reshape(B * T, t.size(2), D)
-        out = fa.flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, max_len, max_len, causal=True)
+        out = fa.flash_attn_varlen_func(flat(q), flat(k), flat(v), cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                        max_seqlen_q=max_len, max_seqlen_k=max_len, causal=True)
         out = (out[0] if isinstance(out, tuple) else out).view(B, T, H, D)
     return out[0] if isinstance(out, tuple) else out
 
@@ -708,8 +717,10 @@ class Attention(nn.Module):
         y = attend(q, k, v, self.backend, doc_ids)
         if self.xsa:
             # Exclusive self-attention: drop the component along the token's own value direction.
-            vhat = F.normalize(v, dim=-1).repeat_interleave(self.h // self.hkv, dim=2)
-            y = y - (y * vhat).sum(-1, keepdim=True) * vhat
+            # Query heads are grouped per KV head; broadcasting over the group avoids copying V.
+            vhat = F.normalize(v, dim=-1)[:, :, :, None]
+            y = y.view(B, T, self.hkv, self.h // self.hkv, self.d)
+            y = (y - (y * vhat).sum(-1, keepdim=True) * vhat).view(B, T, self.h, self.d)
         if self.gate is not None:
             g = 2 * torch.sigmoid(F.linear(x[..., :self.gate.size(1)], self.gate.to(x.dtype)))
             y = y * g[..., None]
@@ -871,57 +882,102 @@ POLAR_EXPRESS_COEFFS = (
 
 
 def orthogonalize(G: Tensor, steps: int, method: str) -> Tensor:
-    """Approximate the orthogonal polar factor U V^T of G with an odd matrix polynomial iteration."""
+    """Approximate the orthogonal polar factor U V^T of G, or of each matrix of a stack G (..., m, n),
+    with an odd matrix polynomial iteration."""
     X = G.bfloat16() if G.is_cuda else G.float()
-    transposed = X.size(0) > X.size(1)
+    transposed = X.size(-2) > X.size(-1)
     if transposed:
-        X = X.T
+        X = X.mT
+    out_shape = X.shape
+    X = X.reshape(-1, *X.shape[-2:])
+    norm = X.norm(dim=(-2, -1), keepdim=True)
     if method == "polar":
-        X = X / (X.norm() * 1.02 + 1e-7)
+        X = X / (norm * 1.02 + 1e-7)
         coeffs = [POLAR_EXPRESS_COEFFS[min(i, len(POLAR_EXPRESS_COEFFS) - 1)] for i in range(steps)]
     else:
-        X = X / (X.norm() + 1e-7)
+        X = X / (norm + 1e-7)
         coeffs = [NS5_COEFFS] * steps
-    for a, b, c in coeffs:
-        A = X @ X.T
-        X = a * X + (b * A + c * A @ A) @ X
-    return (X.T if transposed else X).to(G.dtype)
+    for a, b, c in coeffs:  # X <- a X + (b A + c A^2) X with A = X X^T, scalings fused into the matmuls
+        A = X @ X.mT
+        X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
+    X = X.view(out_shape)
+    return (X.mT if transposed else X).to(G.dtype)
+
+
+class MuonBank:
+    """Same-shape matrices of one param group, updated as one batch. This rank owns params[lo:hi]:
+    their momentum and their orthogonalisation; `gathered` receives every rank's share. All buffers
+    are allocated once."""
+
+    def __init__(self, group: dict, params: list[Tensor], rank: int, world_size: int):
+        self.group, self.params = group, params
+        n, shape = len(params), params[0].shape
+        self.chunk = -(-n // world_size)
+        self.lo, self.hi = min(n, rank * self.chunk), min(n, (rank + 1) * self.chunk)
+        new = lambda k: torch.zeros(k, *shape, device=params[0].device, dtype=params[0].dtype)
+        self.grads, self.momentum = new(self.hi - self.lo), new(self.hi - self.lo)
+        self.send = new(self.chunk) if world_size > 1 else None
+        self.gathered = new(world_size * self.chunk) if world_size > 1 else None
+        self.scale = math.sqrt(max(1.0, shape[0] / shape[1]))
 
 
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum -> optional row normalisation (MuonEq-R) -> orthogonalisation, scaled by
-    sqrt(max(1, rows/cols)), with decoupled weight decay. Across ranks each matrix is orthogonalised
-    by one rank only; the updates are then summed (every slot is written by exactly one rank), so all
-    ranks apply the identical update without repeating the work."""
+    sqrt(max(1, rows/cols)), with decoupled weight decay. Same-shape matrices form banks that are
+    orthogonalised as one batch (compiled on CUDA). Across ranks each rank orthogonalises a
+    contiguous share of every bank and the shares are all-gathered asynchronously, each gather
+    overlapping the next bank's work, so all ranks apply the identical update without repeating it.
+    A missing gradient counts as zero."""
+
+    compiled_orthogonalize = None  # one compiled wrapper for every instance: graphs built while priming are reused
 
     def __init__(self, params, lr: float, momentum: float, steps: int, method: str, row_normalize: bool,
-                 weight_decay: float, rank: int = 0, world_size: int = 1):
+                 weight_decay: float, rank: int = 0, world_size: int = 1, compile: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.steps, self.method, self.row_normalize = steps, method, row_normalize
         self.rank, self.world_size = rank, world_size
+        if compile and Muon.compiled_orthogonalize is None:
+            Muon.compiled_orthogonalize = torch.compile(orthogonalize, dynamic=False)
+        self.compiled = Muon.compiled_orthogonalize if compile else None
+        self.banks = []
+        for group in self.param_groups:
+            by_shape = {}
+            for p in group["params"]:
+                by_shape.setdefault(tuple(p.shape), []).append(p)
+            self.banks += [MuonBank(group, ps, rank, world_size) for ps in by_shape.values()]
+        for bank in self.banks:
+            for p, buf in zip(bank.params[bank.lo:bank.hi], bank.momentum):
+                self.state[p]["momentum_buffer"] = buf
 
-    def local_update(self, p: Tensor, momentum: float) -> Tensor:
-        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-        buf.mul_(momentum).add_(p.grad)
-        g = p.grad.add(buf, alpha=momentum)
+    def local_update(self, bank: MuonBank) -> Tensor:
+        """The orthogonalised update of this rank's share of the bank."""
+        g, buf, m = bank.grads, bank.momentum, bank.group["momentum"]
+        torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in bank.params[bank.lo:bank.hi]], out=g)
+        buf.mul_(m).add_(g)
+        g.add_(buf, alpha=m)
         if self.row_normalize:
-            g = g / (g.norm(dim=1, keepdim=True) + 1e-7)
-        return orthogonalize(g, self.steps, self.method) * math.sqrt(max(1.0, p.size(0) / p.size(1)))
+            g.div_(g.norm(dim=-1, keepdim=True) + 1e-7)
+        return (self.compiled or orthogonalize)(g, self.steps, self.method) * bank.scale
+
+    @staticmethod
+    def apply(bank: MuonBank, update: Tensor):
+        lr, wd = bank.group["lr"], bank.group["weight_decay"]
+        torch._foreach_mul_(bank.params, 1 - lr * wd)
+        torch._foreach_add_(bank.params, list(update[:len(bank.params)].unbind(0)), alpha=-lr)
 
     @torch.no_grad()
     def step(self):
-        for group in self.param_groups:
-            params = group["params"]
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
-            offsets = np.cumsum([0] + [p.numel() for p in params])
-            for i, p in enumerate(params):
-                if i % self.world_size == self.rank and p.grad is not None:
-                    flat[offsets[i]:offsets[i + 1]] = self.local_update(p, group["momentum"]).flatten()
-            if self.world_size > 1:
-                dist.all_reduce(flat)
-            for i, p in enumerate(params):
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(flat[offsets[i]:offsets[i + 1]].view_as(p).to(p.dtype), alpha=-group["lr"])
+        pending = []
+        for bank in self.banks:
+            if self.world_size == 1:
+                self.apply(bank, self.local_update(bank))
+                continue
+            if bank.hi > bank.lo:
+                bank.send[:bank.hi - bank.lo].copy_(self.local_update(bank))
+            pending.append((bank, dist.all_gather_into_tensor(bank.gathered, bank.send, async_op=True)))
+        for bank, work in pending:
+            work.wait()
+            self.apply(bank, bank.gathered)
 
 
 def build_optimizers(model: GPT, args: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
@@ -943,7 +999,8 @@ def build_optimizers(model: GPT, args: Hyperparameters, rt: Runtime) -> list[tor
     adam = torch.optim.AdamW(groups, betas=(args.beta1, args.beta2), eps=args.adam_eps,
                              fused=rt.device.type == "cuda")
     muon = Muon(matrix, args.matrix_lr, args.muon_momentum, args.muon_backend_steps, args.muon_ns,
-                args.muon_row_normalize, args.muon_wd, rt.rank, rt.world_size)
+                args.muon_row_normalize, args.muon_wd, rt.rank, rt.world_size,
+                compile=rt.compile and rt.device.type == "cuda")
     for opt in (adam, muon):
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]
@@ -1798,6 +1855,34 @@ def prime_compile(model: GPT, model_fn, args: Hyperparameters, rt: Runtime, load
     rt.log(f"warmup steps:{args.warmup_steps} ms:{1000 * (time.perf_counter() - t0):.0f} (compile priming, weights restored)")
 
 
+class WallclockStop:
+    """Whether the time budget is spent, decided without a device sync per step: the host waits only
+    for the previous step's completion event, so it runs at most one step ahead of the device and its
+    clock lags by at most one step; ranks agree by a host-side (gloo) MAX all-reduce of their flags,
+    so every rank stops after the same step."""
+
+    def __init__(self, rt: Runtime):
+        self.on_cuda, self.queued = rt.device.type == "cuda", None
+        self.group = None
+        if rt.world_size > 1:
+            self.group = dist.new_group(backend="gloo") if self.on_cuda else dist.group.WORLD
+
+    def pace(self):
+        """Call once a step is queued: wait for the step before it."""
+        if self.on_cuda:
+            done, self.queued = self.queued, torch.cuda.Event()
+            self.queued.record()
+            if done is not None:
+                done.synchronize()
+
+    def agreed(self, over: bool) -> bool:
+        if self.group is None:
+            return over
+        flag = torch.tensor([float(over)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+
 def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | None, luts) -> dict:
     accum = grad_accum_steps(args, rt)
     model_fn = torch.compile(model) if rt.compile else model
@@ -1805,6 +1890,7 @@ def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | N
     loader = TrainLoader(args, rt, accum)
     opts = build_optimizers(model, args, rt)
     averager = WeightAverager(model, args)
+    stopper = WallclockStop(rt)
     qat_on = False
     train_ms, step, step_ms = 0.0, 0, 0.0
     budget_ms = (args.max_wallclock_seconds - args.gptq_reserve_seconds) * 1000 if args.max_wallclock_seconds > 0 else math.inf
@@ -1840,9 +1926,10 @@ def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | N
         loss = train_step(model_fn, model, opts, loader.next_batch(), args, rt)
         step += 1
         averager.update(step, progress)
+        stopper.pace()
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
         step_ms = elapsed / step
-        stop = rt.all_reduce(torch.tensor(float(elapsed >= budget_ms), device=rt.device), dist.ReduceOp.MAX).item()
+        stop = stopper.agreed(elapsed >= budget_ms)
         if stop or step % args.train_log_every == 0 or step == args.iterations:
             loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
             rt.log(f"step:{step}/{args.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f} "
