@@ -606,7 +606,7 @@ def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
         raise FileNotFoundError(f"TOKENIZER_PATH={path}: no such file")
     sp = spm.SentencePieceProcessor(model_file=path)
     if sp.vocab_size() != vocab_size:
-        raise ValueError(f"tokenizer {path} has vocab size {sp.vocab_size()} but VOCAB_SIZE={vocab_size}")
+        raise ConfigError(f"tokenizer {path} has vocab size {sp.vocab_size()} but VOCAB_SIZE={vocab_size}")
     return sp
 
 
