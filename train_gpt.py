@@ -299,7 +299,7 @@ class Hyperparameters:
             LOOP_START=(self.loop_start <= self.loop_end < L, min(scaled("LOOP_START"), loop_end), f"NUM_LAYERS={L}"),
             LOOP_END=(self.loop_start <= self.loop_end < L, loop_end, f"NUM_LAYERS={L}"),
             PARALLEL_RESIDUAL_START=(self.parallel_residual_start < L, scaled("PARALLEL_RESIDUAL_START"), f"NUM_LAYERS={L}"),
-            VE_LAYERS=(self.sources["VE_LAYERS"] != "default" or all(0 <= int(i) < L for i in self.ve_layers.split(",")),
+            VE_LAYERS=(not self.ve_dim or all(0 <= int(i) < L for i in self.ve_layers.split(",")),
                        ",".join(map(str, range(max(0, L - 2), L))), f"NUM_LAYERS={L}"),
             ROPE_DIMS=(self.rope_dims <= head_dim, head_dim - head_dim % 2, f"head_dim={head_dim}"),
             SMEAR_GATE_WIDTH=(self.smear_gate_width <= self.model_dim, self.model_dim, f"MODEL_DIM={self.model_dim}"),
@@ -355,9 +355,11 @@ class Hyperparameters:
         return dict({name: getattr(self, name.lower()) for name in MODEL_KNOBS}, TOKENIZER_SHA256=self.tokenizer_sha256)
 
     def log_lines(self) -> list[str]:
-        lines = [f"config {k.name}:{getattr(self, k.name.lower())} source:{self.sources[k.name]}" for k in KNOBS]
-        return lines + [f"config_adjusted {n}:{getattr(self, n.lower())} {why}" for n, why in self.adjusted.items()
-                        if self.sources[n] == "shape"]
+        return [f"config {k.name}:{getattr(self, k.name.lower())} source:{self.sources[k.name]}" for k in KNOBS]
+
+    def adjusted_lines(self) -> list[str]:
+        return [f"config_adjusted {n}:{getattr(self, n.lower())} {why}" for n, why in self.adjusted.items()
+                if self.sources[n] == "shape"]
 
 
 # -----------------------------------------------------------------------------
@@ -492,7 +494,7 @@ def log_run_header(rt: Runtime, args: Hyperparameters):
     count = torch.cuda.device_count() if rt.device.type == "cuda" else 1
     rt.log(f"env python:{platform.python_version()} torch:{torch.__version__} cuda:{cuda} device:{rt.device.type} "
            f"device_name:{name.replace(' ', '_')} device_count:{count} compile:{int(rt.compile)} autocast:{int(rt.autocast)}")
-    for line in args.log_lines():
+    for line in args.log_lines() + args.adjusted_lines():
         rt.log(line)
     for name_, knob in args.misspelt:
         rt.log(f"warning: unknown env var {name_} looks like the knob {knob} (ignored; STRICT_ENV=1 makes this an error)")

@@ -196,7 +196,7 @@ def test_tiny_shards_decode_to_generated_text():
 
 def test_make_tiny_reproduces_committed_files(tmp_path):
     assert make_tiny.main(["--out", str(tmp_path)]) == 0
-    for name in ("tokenizer.model", "fineweb_train_000000.bin", "fineweb_val_000000.bin"):
+    for name in ("tokenizer.model", "fineweb_train_000000.bin", "fineweb_val_000000.bin", "tokenizer_record.json"):
         assert (tmp_path / name).read_bytes() == (TINY / name).read_bytes(), name
 
 

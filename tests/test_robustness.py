@@ -108,10 +108,10 @@ def test_num_layers_2_alone_follows_the_shape_and_builds():
     args = tg.Hyperparameters({"NUM_LAYERS": "2"})
     assert (args.xsa_last_n, args.loop_start, args.loop_end, args.parallel_residual_start) == (2, 1, 1, 1)
     assert {n for n, s in args.sources.items() if s == "shape"} == {
-        "XSA_LAST_N", "LOOP_START", "LOOP_END", "PARALLEL_RESIDUAL_START", "VE_LAYERS"}
-    lines = args.log_lines()
-    assert "config XSA_LAST_N:2 source:shape" in lines
-    assert "config_adjusted XSA_LAST_N:2 default:11 follows:NUM_LAYERS=2" in lines
+        "XSA_LAST_N", "LOOP_START", "LOOP_END", "PARALLEL_RESIDUAL_START"}
+    assert "config XSA_LAST_N:2 source:shape" in args.log_lines()
+    assert "config_adjusted XSA_LAST_N:2 default:11 follows:NUM_LAYERS=2" in args.adjusted_lines()
+    assert tg.Hyperparameters({"NUM_LAYERS": "2", "VE_DIM": "8"}).ve_layer_ids == [0, 1]  # the last two, as 9,10 of 11
     model = tg.GPT(args)
     assert len(model.blocks) == 2 and model.layer_order() == [0, 1]
 
@@ -119,7 +119,7 @@ def test_num_layers_2_alone_follows_the_shape_and_builds():
 def test_width_defaults_follow_the_head_dim_and_model_dim():
     args = tg.Hyperparameters({"NUM_LAYERS": "2", "MODEL_DIM": "8", "NUM_HEADS": "2", "NUM_KV_HEADS": "1"})
     assert (args.rope_dims, args.smear_gate_width, args.attn_gate_width) == (4, 8, 8)
-    assert "config_adjusted ROPE_DIMS:4 default:16 follows:head_dim=4" in args.log_lines()
+    assert "config_adjusted ROPE_DIMS:4 default:16 follows:head_dim=4" in args.adjusted_lines()
 
 
 @pytest.mark.parametrize("env, message", [
