@@ -287,9 +287,8 @@ class Hyperparameters:
         self.resolve()
 
     def follow_shape(self) -> dict[str, str]:
-        """Layer-indexed and width-dependent knobs left at a default that does not fit the shape
-        follow it (layer indices scale with NUM_LAYERS, widths clamp); explicit values never change.
-        Returns {knob: why} for the log."""
+        """Defaults that do not fit the shape follow it (layer indices scale with NUM_LAYERS, widths
+        clamp); explicit values never change. Returns {knob: why} for the log."""
         L, ref = self.num_layers, KNOB_BY_NAME["NUM_LAYERS"].default
         head_dim = self.model_dim // self.num_heads
         scaled = lambda name: max(0, min(L - 1, round(KNOB_BY_NAME[name].default * L / ref)))
@@ -376,8 +375,12 @@ class Runtime:
     autocast: bool
     compile: bool
     log_path: str | None
-    log_fd: int | None = None  # held open (and locked) for the whole run
+    log_fd: int | None = None  # held open (and locked, see open_run_log) for the whole run
     log_failed: bool = False
+
+    def __post_init__(self):
+        if self.log_path and self.log_fd is None:
+            self.log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     @property
     def master(self) -> bool:
@@ -438,10 +441,9 @@ def setup_runtime(args: Hyperparameters) -> Runtime:
 
 
 def open_run_log(path: str, overwrite: bool) -> int:
-    """Create a run's log, locked until the process ends, so one log is one run: an existing log is
-    an earlier run's record and reusing its name is an error unless overwrite, and a log that a live
-    run holds is never replaced. The log is made and locked under a temporary name first, so no
-    other run can see it unlocked."""
+    """Create the run's log, locked until the process ends, so that one log is one run: an earlier
+    run's log is replaced only with overwrite, a live run's never. It is locked under a temporary
+    name before it appears, so no other run sees it unlocked."""
     d = os.path.dirname(path) or "."
     fd, tmp = None, None
     try:
@@ -618,10 +620,8 @@ def file_sha256(path: str) -> str:
 
 
 def check_tokenizer_identity(args: Hyperparameters, artifact_sha: str = "") -> str:
-    """Set args.tokenizer_sha256 from TOKENIZER_PATH and check it against the tokenizer the shards
-    were made with (their record, else the official tokenizers) and against the artifact's; a
-    tokenizer of the same vocab size but other pieces would silently change val_bpb. Returns what
-    was checked."""
+    """Set args.tokenizer_sha256 and check it against the shards' record (else the official
+    tokenizers) and the artifact's: another tokenizer of the same vocab size silently changes val_bpb."""
     sha = args.tokenizer_sha256 = file_sha256(args.tokenizer_path)
     mine = f"TOKENIZER_PATH={args.tokenizer_path} (sha256 {sha})"
     record = os.path.join(args.data_path, TOKENIZER_RECORD)
@@ -645,9 +645,7 @@ def check_tokenizer_identity(args: Hyperparameters, artifact_sha: str = "") -> s
 
 def check_inputs(args: Hyperparameters) -> str:
     """Everything the run reads or writes, checked before the first step so that a bad input never
-    costs a trained model: the tokenizer and its identity, every shard's header and size, the val
-    split's token range (a train shard's range is checked as it is first loaded) and where the
-    artifact goes. Returns the tokenizer check for the log."""
+    costs a trained model (a train shard's token range is checked when it is first loaded)."""
     if not os.path.isdir(args.data_path):
         raise ConfigError(f"DATA_PATH={args.data_path} does not exist; {DATA_HINT}")
     if not os.path.isfile(args.tokenizer_path):
@@ -2128,9 +2126,8 @@ def peak_memory_mib(rt: Runtime) -> float:
 
 
 def adopt_artifact_config(args: Hyperparameters, meta: dict) -> None:
-    """EVAL_ONLY: everything the artifact records (model shape, sequence lengths, vocabulary,
-    tokenizer identity) comes from it and is logged with source:artifact; an env var that
-    disagrees is an error. Knobs an older artifact does not record keep their env/default value."""
+    """EVAL_ONLY: what the artifact records (MODEL_KNOBS, tokenizer sha256) comes from it, logged
+    source:artifact; an env var that disagrees is an error."""
     cfg = meta["config"]
     known = [n for n in MODEL_KNOBS if n in cfg]
     clash = [f"{n}={getattr(args, n.lower())} (artifact: {cfg[n]})" for n in known
@@ -2231,8 +2228,8 @@ def exit_with_error(rt: Runtime | None, line: str, code: int):
 
 
 def main():
-    """Every early end leaves an error: line in the log (once there is one) and a non-zero exit; a
-    bad input or setting is one line without a traceback."""
+    """Every early end leaves an error: line in the log and a non-zero exit; a bad input or setting
+    is one line without a traceback."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, raise_interrupted)
     rt = None
