@@ -2244,7 +2244,7 @@ def main():
         rt = setup_runtime(args)
         run(args, rt)
     except ConfigError as e:
-        exit_with_error(rt, f"error: {e}", 2)
+        exit_with_error(rt, f"error: {e}", 1)
     except Interrupted as e:
         exit_with_error(rt, f"error: signal name:{e}", 128 + signal.Signals[str(e)].value)
     except Exception as e:
