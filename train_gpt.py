@@ -8,6 +8,7 @@ Every knob is an environment variable (see KNOBS). Runs as `python train_gpt.py`
 from __future__ import annotations
 
 import copy
+import fcntl
 import glob
 import hashlib
 import io
@@ -15,8 +16,10 @@ import json
 import math
 import os
 import platform
+import signal
 import struct
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,6 +35,16 @@ BOS_ID = 1
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 SHARD_HEADER_INTS = 256
+# Written beside the shards by data/convert_text.py and data/download_fineweb.py: the sha256 of the
+# tokenizer that made them. Official shards (fineweb10B_*) without one need an official tokenizer.
+TOKENIZER_RECORD = "tokenizer_record.json"
+OFFICIAL_TOKENIZERS = {
+    "849ea920119b5135ace5016137e82ab397738fc29d723d5f9a6b74c4e31af191": "fineweb_1024_bpe",
+    "4e979c92754cc9d7bdebd9dfe5edf3fc0b41b38714b394e4297fa851e3afd516": "fineweb_8192_bpe",
+    "97754754561f20def5edd99765ca0668f880bd94e67316d54aa10ab25f45cc4d": "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved",
+}
+DATA_HINT = ("get FineWeb with `python data/download_fineweb.py --variant sp8192`, or try the bundled tiny "
+             "dataset: `env $(cat data/tiny/quickstart.env) python train_gpt.py` (README, quickstart)")
 ARTIFACT_MAGIC = b"PGOLFART"
 ARTIFACT_VERSION = 1
 
@@ -60,6 +73,7 @@ KNOBS = [
     K("RUN_ID", "", str, "log/artifact name (default: a fresh uuid)"),
     K("SEED", 1337, int, "random seed (model init and data order are fixed by it)"),
     K("STRICT_ENV", 0, bool, "1: an unknown env var that looks like a misspelt knob is an error"),
+    K("LOG_OVERWRITE", 0, bool, "1: replace an earlier run's logs/<RUN_ID>.txt (0: reusing a RUN_ID is an error)"),
     K("COMPILE", "auto", ("auto", "0", "1"), "torch.compile (auto: on for CUDA)"),
     K("AUTOCAST", "auto", ("auto", "bf16", "off"), "bf16 autocast (auto: on for CUDA)"),
     K("ATTN_BACKEND", "auto", ("auto", "fa4", "fa3", "fa2", "sdpa"), "attention kernel; an unavailable explicit choice is an error"),
@@ -187,12 +201,13 @@ KNOB_BY_NAME = {k.name: k for k in KNOBS}
 # Set by launchers and libraries, never knobs; excluded from the misspelling check.
 FOREIGN_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "OMP_NUM_THREADS"}
-# Knobs that define the model; EVAL_ONLY takes them from the artifact.
+# Knobs that define the model and the context it was trained and scored at; the artifact records
+# them and EVAL_ONLY takes them from it.
 MODEL_KNOBS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_ACT",
                "MLP_LEAKY_SLOPE", "TIE_EMBEDDINGS", "ROPE_BASE", "ROPE_DIMS", "LOGIT_SOFTCAP", "XSA_LAST_N",
                "LN_SCALE", "SMEAR_GATE", "SMEAR_GATE_WIDTH", "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM", "VE_DIM",
                "VE_LAYERS", "UNET_SKIPS", "NUM_LOOPS", "LOOP_START", "LOOP_END", "PARALLEL_RESIDUAL_START",
-               "ATTN_OUT_GATE", "ATTN_GATE_WIDTH", "DOC_MASK")
+               "ATTN_OUT_GATE", "ATTN_GATE_WIDTH", "DOC_MASK", "TRAIN_SEQ_LEN", "EVAL_SEQ_LEN")
 
 
 class ConfigError(ValueError):
@@ -205,10 +220,10 @@ def parse_knob(knob: Knob, raw: str):
         if raw not in knob.kind:
             raise ConfigError(f"{what}: expected one of {', '.join(knob.kind)}")
         return raw
-    if knob.kind is bool:
+    if knob.kind is bool:  # stored as 0/1 like the defaults, so logs compare equal to them
         if raw.lower() not in ("0", "1", "true", "false"):
             raise ConfigError(f"{what}: expected 0 or 1")
-        return raw.lower() in ("1", "true")
+        return int(raw.lower() in ("1", "true"))
     if knob.kind is str:
         return raw
     try:
@@ -231,10 +246,15 @@ def edit_distance(a: str, b: str) -> int:
 
 
 def misspelt_knobs(environ) -> list[tuple[str, str]]:
-    """Env vars that are not knobs but within a small edit distance of one (NUM_LAYER -> NUM_LAYERS)."""
+    """Env vars that are not knobs but a knob in lower case (num_layers) or within a small edit
+    distance of one (NUM_LAYER -> NUM_LAYERS)."""
     found = []
     for name in environ:
-        if name in KNOB_BY_NAME or name in FOREIGN_ENV or not name.isupper():
+        if name in KNOB_BY_NAME or name in FOREIGN_ENV:
+            continue
+        if not name.isupper():
+            if name.upper() in KNOB_BY_NAME:
+                found.append((name, name.upper()))
             continue
         limit = 2 if len(name) >= 8 else 1
         best = min(KNOBS, key=lambda k: edit_distance(name, k.name))
@@ -257,8 +277,43 @@ class Hyperparameters:
         self.misspelt = misspelt_knobs(environ)
         if self.misspelt and self.strict_env:
             raise ConfigError("; ".join(f"unknown env var {n} (did you mean {k}?)" for n, k in self.misspelt))
-        self.run_id = self.run_id or str(uuid.uuid4())
+        # EVAL_ONLY logs under its own name so it never collides with the training run's log
+        stem = os.path.splitext(os.path.basename(self.eval_only))[0]
+        self.run_id = self.run_id or (f"{stem}_eval_{uuid.uuid4().hex[:8]}" if self.eval_only else str(uuid.uuid4()))
         self.eval_seq_len = self.eval_seq_len or self.train_seq_len
+        self.tokenizer_sha256 = ""  # set by check_inputs once the file has been read
+        self.artifact_tokenizer_sha256 = ""  # EVAL_ONLY: the artifact's, set by adopt_artifact_config
+        self.adjusted = self.follow_shape()
+        self.resolve()
+
+    def follow_shape(self) -> dict[str, str]:
+        """Defaults that do not fit the shape follow it (layer indices scale with NUM_LAYERS, widths
+        clamp); explicit values never change. Returns {knob: why} for the log."""
+        L, ref = self.num_layers, KNOB_BY_NAME["NUM_LAYERS"].default
+        head_dim = self.model_dim // self.num_heads
+        scaled = lambda name: max(0, min(L - 1, round(KNOB_BY_NAME[name].default * L / ref)))
+        loop_end = scaled("LOOP_END") if self.sources["LOOP_END"] == "default" else self.loop_end
+        fits = dict(
+            XSA_LAST_N=(self.xsa_last_n <= L, L, f"NUM_LAYERS={L}"),
+            LOOP_START=(self.loop_start <= self.loop_end < L, min(scaled("LOOP_START"), loop_end), f"NUM_LAYERS={L}"),
+            LOOP_END=(self.loop_start <= self.loop_end < L, loop_end, f"NUM_LAYERS={L}"),
+            PARALLEL_RESIDUAL_START=(self.parallel_residual_start < L, scaled("PARALLEL_RESIDUAL_START"), f"NUM_LAYERS={L}"),
+            VE_LAYERS=(not self.ve_dim or all(0 <= int(i) < L for i in self.ve_layers.split(",")),
+                       ",".join(map(str, range(max(0, L - 2), L))), f"NUM_LAYERS={L}"),
+            ROPE_DIMS=(self.rope_dims <= head_dim, head_dim - head_dim % 2, f"head_dim={head_dim}"),
+            SMEAR_GATE_WIDTH=(self.smear_gate_width <= self.model_dim, self.model_dim, f"MODEL_DIM={self.model_dim}"),
+            ATTN_GATE_WIDTH=(self.attn_gate_width <= self.model_dim, self.model_dim, f"MODEL_DIM={self.model_dim}"),
+        )
+        adjusted = {}
+        for name, (ok, value, why) in fits.items():
+            if not ok and self.sources[name] == "default":
+                setattr(self, name.lower(), value)
+                self.sources[name] = "shape"
+                adjusted[name] = f"default:{KNOB_BY_NAME[name].default} follows:{why}"
+        return adjusted
+
+    def resolve(self):
+        """Derived values, then the consistency checks."""
         self.ve_layer_ids = self.parse_layer_list("VE_LAYERS", self.ve_layers) if self.ve_dim else []
         self.check()
 
@@ -291,14 +346,19 @@ class Hyperparameters:
         for name in ("ATTN_BITS", "MLP_BITS", "EMBED_BITS", "OTHER_BITS"):
             need(2 <= getattr(self, name.lower()) <= 8, f"{name}={getattr(self, name.lower())}: must be 2..8")
         need(self.warmdown_frac <= 1 and self.min_lr <= 1, "WARMDOWN_FRAC and MIN_LR must be <= 1")
-        need(0 < self.train_batch_tokens and self.train_batch_tokens % self.train_seq_len == 0,
+        need(self.eval_only or self.train_batch_tokens % self.train_seq_len == 0,
              f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
 
     def model_config(self) -> dict:
-        return {name: getattr(self, name.lower()) for name in MODEL_KNOBS}
+        """What the artifact records: the model knobs and the tokenizer's identity."""
+        return dict({name: getattr(self, name.lower()) for name in MODEL_KNOBS}, TOKENIZER_SHA256=self.tokenizer_sha256)
 
     def log_lines(self) -> list[str]:
         return [f"config {k.name}:{getattr(self, k.name.lower())} source:{self.sources[k.name]}" for k in KNOBS]
+
+    def adjusted_lines(self) -> list[str]:
+        return [f"config_adjusted {n}:{getattr(self, n.lower())} {why}" for n, why in self.adjusted.items()
+                if self.sources[n] == "shape"]
 
 
 # -----------------------------------------------------------------------------
@@ -315,6 +375,12 @@ class Runtime:
     autocast: bool
     compile: bool
     log_path: str | None
+    log_fd: int | None = None  # held open (and locked, see open_run_log) for the whole run
+    log_failed: bool = False
+
+    def __post_init__(self):
+        if self.log_path and self.log_fd is None:
+            self.log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     @property
     def master(self) -> bool:
@@ -325,9 +391,15 @@ class Runtime:
             return
         if console:
             print(msg, flush=True)
-        if self.log_path:
-            with open(self.log_path, "a", encoding="utf-8") as f:
-                print(msg, file=f)
+        if self.log_fd is None:
+            return
+        try:
+            os.write(self.log_fd, (msg + "\n").encode("utf-8", errors="replace"))
+        except OSError as e:  # a full disk must not cost the run: stdout still has every line
+            if not self.log_failed:
+                print(f"warning: cannot write {self.log_path} ({e.strerror}); the run goes on, stdout has the log",
+                      file=sys.stderr, flush=True)
+            self.log_failed = True
 
     def autocast_ctx(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
@@ -363,11 +435,44 @@ def setup_runtime(args: Hyperparameters) -> Runtime:
     on_cuda = device.type == "cuda"
     use_autocast = on_cuda if args.autocast == "auto" else args.autocast == "bf16"
     use_compile = on_cuda if args.compile == "auto" else args.compile == "1"
-    os.makedirs("logs", exist_ok=True)
     log_path = f"logs/{args.run_id}.txt" if rank == 0 else None
-    if log_path:
-        open(log_path, "w").close()  # a rerun with the same RUN_ID starts a fresh log
-    return Runtime(rank, world_size, local_rank, device, use_autocast, use_compile, log_path)
+    log_fd = open_run_log(log_path, args.log_overwrite) if log_path else None
+    return Runtime(rank, world_size, local_rank, device, use_autocast, use_compile, log_path, log_fd)
+
+
+def open_run_log(path: str, overwrite: bool) -> int:
+    """Create the run's log, locked until the process ends, so that one log is one run: an earlier
+    run's log is replaced only with overwrite, a live run's never. It is locked under a temporary
+    name before it appears, so no other run sees it unlocked."""
+    d = os.path.dirname(path) or "."
+    fd, tmp = None, None
+    try:
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".log-")
+        os.fchmod(fd, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if overwrite and os.path.exists(path):
+            held = os.open(path, os.O_RDONLY)
+            try:
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(held)
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    except OSError as e:
+        if fd is not None:
+            os.close(fd)
+        if isinstance(e, FileExistsError):
+            raise ConfigError(f"{path} exists: an earlier run used RUN_ID={os.path.basename(path)[:-4]}; "
+                              "choose another RUN_ID or set LOG_OVERWRITE=1 to replace that log") from None
+        if isinstance(e, BlockingIOError):
+            raise ConfigError(f"{path} is being written by a running process with the same RUN_ID") from None
+        raise ConfigError(f"cannot create the log {path}: {e.strerror}") from None
+    finally:
+        if tmp and os.path.exists(tmp):
+            os.unlink(tmp)
+    return fd
 
 
 def code_identity() -> tuple[str, int, str]:
@@ -391,7 +496,7 @@ def log_run_header(rt: Runtime, args: Hyperparameters):
     count = torch.cuda.device_count() if rt.device.type == "cuda" else 1
     rt.log(f"env python:{platform.python_version()} torch:{torch.__version__} cuda:{cuda} device:{rt.device.type} "
            f"device_name:{name.replace(' ', '_')} device_count:{count} compile:{int(rt.compile)} autocast:{int(rt.autocast)}")
-    for line in args.log_lines():
+    for line in args.log_lines() + args.adjusted_lines():
         rt.log(line)
     for name_, knob in args.misspelt:
         rt.log(f"warning: unknown env var {name_} looks like the knob {knob} (ignored; STRICT_ENV=1 makes this an error)")
@@ -505,8 +610,60 @@ def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
         raise FileNotFoundError(f"TOKENIZER_PATH={path}: no such file")
     sp = spm.SentencePieceProcessor(model_file=path)
     if sp.vocab_size() != vocab_size:
-        raise ValueError(f"tokenizer {path} has vocab size {sp.vocab_size()} but VOCAB_SIZE={vocab_size}")
+        raise ConfigError(f"tokenizer {path} has vocab size {sp.vocab_size()} but VOCAB_SIZE={vocab_size}")
     return sp
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def check_tokenizer_identity(args: Hyperparameters, artifact_sha: str = "") -> str:
+    """Set args.tokenizer_sha256 and check it against the shards' record (else the official
+    tokenizers) and the artifact's: another tokenizer of the same vocab size silently changes val_bpb."""
+    sha = args.tokenizer_sha256 = file_sha256(args.tokenizer_path)
+    mine = f"TOKENIZER_PATH={args.tokenizer_path} (sha256 {sha})"
+    record = os.path.join(args.data_path, TOKENIZER_RECORD)
+    if os.path.isfile(record):
+        with open(record, encoding="utf-8") as f:
+            want = json.load(f)["sha256"]
+        if want != sha:
+            raise ConfigError(f"{mine} is not the tokenizer the shards were made with ({record}: sha256 {want})")
+        checked = "record"
+    elif sha in OFFICIAL_TOKENIZERS:
+        checked = f"official:{OFFICIAL_TOKENIZERS[sha]}"
+    elif os.path.basename(os.path.normpath(args.data_path)).startswith("fineweb10B_"):
+        raise ConfigError(f"{mine} is not an official tokenizer, but {args.data_path} holds official shards "
+                          f"(no {TOKENIZER_RECORD} names another tokenizer)")
+    else:
+        checked = "none"
+    if artifact_sha and artifact_sha != sha:
+        raise ConfigError(f"{mine} is not the tokenizer the EVAL_ONLY artifact was trained with (sha256 {artifact_sha})")
+    return checked + (",artifact" if artifact_sha else "")
+
+
+def check_inputs(args: Hyperparameters) -> str:
+    """Everything the run reads or writes, checked before the first step so that a bad input never
+    costs a trained model (a train shard's token range is checked when it is first loaded)."""
+    if not os.path.isdir(args.data_path):
+        raise ConfigError(f"DATA_PATH={args.data_path} does not exist; {DATA_HINT}")
+    if not os.path.isfile(args.tokenizer_path):
+        raise ConfigError(f"TOKENIZER_PATH={args.tokenizer_path}: no such file; {DATA_HINT}")
+    try:
+        if sum(load_shard(path, args.vocab_size).size for path in shard_files(args.data_path, "val")) < 2:
+            raise ValueError(f"validation shards under {args.data_path} hold fewer than 2 tokens")
+        for path in [] if args.eval_only else shard_files(args.data_path, "train"):
+            shard_token_count(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    if not args.eval_only:
+        art = args.artifact_path or f"logs/{args.run_id}.pgart"
+        d = os.path.dirname(art) or "."
+        if os.path.isdir(art) or not os.path.isdir(d) or not os.access(d, os.W_OK):
+            raise ConfigError(f"ARTIFACT_PATH={art}: " + ("is a directory" if os.path.isdir(art) else
+                              f"directory {d} does not exist or is not writable"))
+    return check_tokenizer_identity(args, args.artifact_tokenizer_sha256)
 
 
 def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -1369,9 +1526,26 @@ def compress_payload(raw: bytes, name: str, level: int, rt: Runtime) -> tuple[st
 
 
 def write_artifact(path: str, comp_name: str, data: bytes):
-    with open(path, "wb") as f:
-        f.write(ARTIFACT_MAGIC + struct.pack("<HB", ARTIFACT_VERSION, len(comp_name)) + comp_name.encode())
-        f.write(struct.pack("<Q", len(data)) + hashlib.sha256(data).digest() + data)
+    """Written to a temporary file, synced, then renamed over path: a run killed while writing
+    leaves whatever artifact was at path before."""
+    d = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".artifact-")
+    try:
+        with open(fd, "wb") as f:
+            f.write(ARTIFACT_MAGIC + struct.pack("<HB", ARTIFACT_VERSION, len(comp_name)) + comp_name.encode())
+            f.write(struct.pack("<Q", len(data)) + hashlib.sha256(data).digest() + data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    dir_fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # makes the rename itself durable
+    finally:
+        os.close(dir_fd)
 
 
 def read_artifact(path: str) -> tuple[dict, dict]:
@@ -2039,21 +2213,28 @@ def peak_memory_mib(rt: Runtime) -> float:
 
 
 def adopt_artifact_config(args: Hyperparameters, meta: dict) -> None:
-    """EVAL_ONLY: the model shape comes from the artifact; env vars that disagree are an error."""
+    """EVAL_ONLY: what the artifact records (MODEL_KNOBS, tokenizer sha256) comes from it, logged
+    source:artifact; an env var that disagrees is an error."""
     cfg = meta["config"]
-    clash = [f"{n}={getattr(args, n.lower())} (artifact: {cfg[n]})" for n in MODEL_KNOBS
+    known = [n for n in MODEL_KNOBS if n in cfg]
+    clash = [f"{n}={getattr(args, n.lower())} (artifact: {cfg[n]})" for n in known
              if args.sources[n] == "env" and getattr(args, n.lower()) != cfg[n]]
     if clash:
         raise ConfigError("EVAL_ONLY artifact was trained with a different model: " + ", ".join(clash))
-    for n in MODEL_KNOBS:
-        setattr(args, n.lower(), cfg[n])
-    args.ve_layer_ids = args.parse_layer_list("VE_LAYERS", args.ve_layers) if args.ve_dim else []
+    for n in known:
+        setattr(args, n.lower(), int(cfg[n]) if isinstance(cfg[n], bool) else cfg[n])
+        args.sources[n] = "artifact"
+    args.artifact_tokenizer_sha256 = cfg.get("TOKENIZER_SHA256", "")
+    args.resolve()
 
 
-def main():
-    args = Hyperparameters()
-    rt = setup_runtime(args)
+def run(args: Hyperparameters, rt: Runtime):
     log_run_header(rt, args)
+    checked = check_inputs(args)
+    rt.log(f"tokenizer path:{args.tokenizer_path} sha256:{args.tokenizer_sha256} checked:{checked}")
+    if checked.startswith("none"):
+        rt.log(f"warning: {args.data_path} has no {TOKENIZER_RECORD}, so nothing shows its shards were made with "
+               "TOKENIZER_PATH (rebuild them with data/convert_text.py to record it)")
     luts = build_byte_luts(load_tokenizer(args.tokenizer_path, args.vocab_size), args.vocab_size)
     backend, reason = select_attention_backend(args.attn_backend, rt.device)
     rt.log(f"attention_backend:{backend} reason:{reason}")
@@ -2096,8 +2277,6 @@ def main():
         del model
     t0 = time.perf_counter()
     meta, state = read_artifact(path)
-    if args.eval_only:
-        adopt_artifact_config(args, meta)
     model = model_from_artifact(meta, state, args, rt, backend)
     rt.log(f"artifact_loaded path:{path} load_ms:{1000 * (time.perf_counter() - t0):.0f}")
     bytes_model = os.path.getsize(path)
@@ -2118,6 +2297,47 @@ def main():
         dist.destroy_process_group()
     if total > args.artifact_budget:
         sys.exit(1)
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT, raised where the program is so that the log gets an error: line."""
+
+
+def raise_interrupted(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def exit_with_error(rt: Runtime | None, line: str, code: int):
+    print(line, file=sys.stderr, flush=True)
+    if rt:
+        rt.log(line, console=False)
+    sys.exit(code)
+
+
+def main():
+    """Every early end leaves an error: line in the log and a non-zero exit; a bad input or setting
+    is one line without a traceback."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, raise_interrupted)
+    rt = None
+    try:
+        args = Hyperparameters()
+        if args.eval_only:
+            try:
+                meta = read_artifact(args.eval_only)[0]
+            except (OSError, ValueError, RuntimeError) as e:
+                raise ConfigError(f"EVAL_ONLY={args.eval_only}: {e}") from None
+            adopt_artifact_config(args, meta)
+        rt = setup_runtime(args)
+        run(args, rt)
+    except ConfigError as e:
+        exit_with_error(rt, f"error: {e}", 1)
+    except Interrupted as e:
+        exit_with_error(rt, f"error: signal name:{e}", 128 + signal.Signals[str(e)].value)
+    except Exception as e:
+        if rt:
+            rt.log(f"error: exception type:{type(e).__name__} message:{' '.join(str(e).split())}", console=False)
+        raise
 
 
 if __name__ == "__main__":

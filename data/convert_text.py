@@ -6,11 +6,15 @@ Input files:
                     document). Blocks that are empty after stripping are skipped, in both formats.
 
 Output (the format train_gpt.py reads): fineweb_val_000000.bin, ..., fineweb_train_000000.bin, ...
-Each file is a 256 x int32 little-endian header (magic 20240520, version 1, token count) followed
-by that many uint16 tokens. Every document is stored as [BOS] + SentencePiece ids, no EOS, and
-documents are concatenated in input order. The first --val-docs documents form the validation
-split, the rest the training split. A split longer than --shard-tokens continues in the next file
-(a document may straddle two files, as in the official export).
+Each file is a 256 x int32 little-endian header (magic, version, token count; train_gpt.py defines
+them) followed by that many uint16 tokens. Every document is stored as [BOS] + SentencePiece ids,
+no EOS, and documents are concatenated in input order. The first --val-docs documents form the
+validation split, the rest the training split. A split longer than --shard-tokens continues in the
+next file (a document may straddle two files, as in the official export). tokenizer_record.json
+beside the shards holds the tokenizer's sha256; train_gpt.py refuses another tokenizer.
+
+The new set is built in a temporary directory and replaces the old shards only once it is
+complete: a bad input leaves the existing dataset as it was.
 
 Example:
   python data/convert_text.py corpus.jsonl --tokenizer data/tokenizers/fineweb_1024_bpe.model \\
@@ -20,20 +24,24 @@ Example:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The shard format has one home, train_gpt.py's data section; this file only writes it.
+from train_gpt import SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, TOKENIZER_RECORD, shard_token_count  # noqa: E402
+
 # ----------------------------------------------------------------------------- shard format
 
-SHARD_MAGIC = 20240520
-SHARD_VERSION = 1
-HEADER_INTS = 256
-HEADER_BYTES = HEADER_INTS * 4
+HEADER_BYTES = SHARD_HEADER_INTS * 4
 MAX_TOKEN_ID = np.iinfo(np.uint16).max
 DEFAULT_SHARD_TOKENS = 100_000_000  # size of the official shards
 ENCODE_BATCH_DOCS = 256
@@ -47,7 +55,7 @@ def write_shard(path: str | Path, tokens: Iterable[int] | np.ndarray) -> None:
         raise ValueError(f"token id {bad} does not fit in uint16 (0..{MAX_TOKEN_ID}); cannot write {path}")
     if arr.size > np.iinfo(np.int32).max:
         raise ValueError(f"{arr.size} tokens do not fit the int32 header count")
-    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, arr.size
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,23 +64,18 @@ def write_shard(path: str | Path, tokens: Iterable[int] | np.ndarray) -> None:
         f.write(arr.astype("<u2").tobytes())
 
 
-def shard_token_count(path: str | Path) -> int:
-    """Token count from a shard's header, after checking magic, version and file size."""
-    path = Path(path)
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    if header.size != HEADER_INTS or int(header[0]) != SHARD_MAGIC or int(header[1]) != SHARD_VERSION:
-        raise ValueError(f"{path}: not an official shard (bad header)")
-    count = int(header[2])
-    expected = HEADER_BYTES + 2 * count
-    if path.stat().st_size != expected:
-        raise ValueError(f"{path}: size {path.stat().st_size} != {expected} implied by header count {count}")
-    return count
-
-
 def read_shard(path: str | Path) -> np.ndarray:
     """Read one shard's tokens (uint16), validating it first."""
-    count = shard_token_count(path)
+    count = shard_token_count(str(path))
     return np.fromfile(path, dtype="<u2", count=count, offset=HEADER_BYTES)
+
+
+def write_tokenizer_record(out_dir: str | Path, tokenizer_path: str | Path, vocab_size: int) -> Path:
+    """tokenizer_record.json: which tokenizer made the shards in out_dir (train_gpt.py checks it)."""
+    record = Path(out_dir) / TOKENIZER_RECORD
+    sha = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()
+    record.write_text(json.dumps(dict(tokenizer=Path(tokenizer_path).name, sha256=sha, vocab_size=vocab_size)) + "\n")
+    return record
 
 
 # ----------------------------------------------------------------------------- text input
@@ -155,6 +158,17 @@ class _SplitWriter:
         self.paths.append(str(path))
 
 
+def tokenize(sp, texts: list[str]) -> list[np.ndarray]:
+    """The one place text becomes tokens: each document as [BOS] + SentencePiece ids."""
+    docs = []
+    for ids in sp.encode(texts, out_type=int):
+        doc = np.empty(len(ids) + 1, dtype=np.int32)
+        doc[0] = sp.bos_id()
+        doc[1:] = ids
+        docs.append(doc)
+    return docs
+
+
 def write_shards(
     texts: Iterable[str],
     tokenizer_path: str | Path,
@@ -168,7 +182,9 @@ def write_shards(
 
     The first val_docs documents go to validation. max_docs caps the documents read; max_train_tokens
     caps the training split at whole documents (stops before the first document that would exceed
-    it). Existing fineweb_*.bin files in out_dir are removed first so splits never mix runs.
+    it). The shards are built in a temporary sibling directory; only a complete set replaces the
+    fineweb_*.bin files (and tokenizer record) in out_dir, so splits never mix runs and an error
+    halfway leaves the old dataset intact. Other files in out_dir are kept.
     """
     import sentencepiece as spm
 
@@ -180,43 +196,40 @@ def write_shards(
     vocab_size = sp.vocab_size()
     if vocab_size > MAX_TOKEN_ID + 1:
         raise ValueError(f"vocab_size {vocab_size} does not fit uint16 shards")
-    bos = sp.bos_id()
-    if bos < 0:
+    if sp.bos_id() < 0:
         raise ValueError(f"{tokenizer_path} has no BOS id; official shards start every document with BOS")
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in list(out_dir.glob("fineweb_train_*.bin")) + list(out_dir.glob("fineweb_val_*.bin")):
-        stale.unlink()
-
-    val = _SplitWriter(out_dir, "val", shard_tokens)
-    train = _SplitWriter(out_dir, "train", shard_tokens)
-    docs_seen = 0
-    train_full = False
-    if max_docs is not None:
-        texts = itertools.islice(texts, max_docs)
-    for batch in _batches(texts, ENCODE_BATCH_DOCS):
-        for ids in sp.encode(batch, out_type=int):
-            doc = np.empty(len(ids) + 1, dtype=np.int32)
-            doc[0] = bos
-            doc[1:] = ids
-            if docs_seen < val_docs:
-                val.add(doc)
-            elif max_train_tokens is not None and train.tokens + doc.size > max_train_tokens:
-                train_full = True
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.building-"))
+    try:
+        val, train = _SplitWriter(build, "val", shard_tokens), _SplitWriter(build, "train", shard_tokens)
+        docs_seen, train_full = 0, False
+        if max_docs is not None:
+            texts = itertools.islice(texts, max_docs)
+        for batch in _batches(texts, ENCODE_BATCH_DOCS):
+            for doc in tokenize(sp, batch):
+                if docs_seen < val_docs:
+                    val.add(doc)
+                elif max_train_tokens is not None and train.tokens + doc.size > max_train_tokens:
+                    train_full = True
+                    break
+                else:
+                    train.add(doc)
+                docs_seen += 1
+            if train_full:
                 break
-            else:
-                train.add(doc)
-            docs_seen += 1
-        if train_full:
-            break
-    val.close()
-    train.close()
-    if val.docs < val_docs or train.docs == 0:
-        raise ValueError(
-            f"not enough documents: {val.docs} val (wanted {val_docs}) and {train.docs} train; "
-            "train_gpt.py needs both splits non-empty"
-        )
+        val.close()
+        train.close()
+        if val.docs < val_docs or train.docs == 0:
+            raise ValueError(
+                f"not enough documents: {val.docs} val (wanted {val_docs}) and {train.docs} train; "
+                "train_gpt.py needs both splits non-empty"
+            )
+        write_tokenizer_record(build, tokenizer_path, vocab_size)
+        _swap_in(build, out_dir)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
     return {
         "tokenizer": str(tokenizer_path),
         "vocab_size": vocab_size,
@@ -225,9 +238,19 @@ def write_shards(
         "docs_train": train.docs,
         "tokens_val": val.tokens,
         "tokens_train": train.tokens,
-        "files_val": val.paths,
-        "files_train": train.paths,
+        "files_val": [str(out_dir / Path(p).name) for p in val.paths],
+        "files_train": [str(out_dir / Path(p).name) for p in train.paths],
     }
+
+
+def _swap_in(build: Path, out_dir: Path) -> None:
+    """Replace out_dir's dataset (shards and tokenizer record) with the complete one in build."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stale = [*out_dir.glob("fineweb_train_*.bin"), *out_dir.glob("fineweb_val_*.bin"), out_dir / TOKENIZER_RECORD]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    for path in sorted(build.iterdir(), key=lambda p: p.name == TOKENIZER_RECORD):  # the record last
+        path.replace(out_dir / path.name)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -15,6 +15,8 @@ Local layout, under --out (default ./data):
 
 Files already present are kept, so an interrupted download resumes. --dry-run prints the plan
 without touching the network (it reads a local manifest if one exists, else states its assumptions).
+Without network access the download stops at once with one line saying so. A finished download
+writes tokenizer_record.json beside the shards (the tokenizer's sha256, which train_gpt.py checks).
 
 Example:
   python data/download_fineweb.py --variant sp1024 --train-shards 10
@@ -26,12 +28,14 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convert_text import shard_token_count  # noqa: E402
+from convert_text import shard_token_count, write_tokenizer_record  # noqa: E402
 
 # ----------------------------------------------------------------------------- sources
 
@@ -42,6 +46,11 @@ VARIANTS = {
 }
 # Used only when no manifest is at hand (dry run): the published manifests list one val shard.
 ASSUMED_VAL_SHARDS = 1
+CONNECT_TIMEOUT_S = 5
+
+
+class DownloadError(Exception):
+    pass
 
 
 @dataclass(frozen=True)
@@ -119,9 +128,27 @@ def _hf_download():
     return hf_hub_download
 
 
+def check_hub_reachable() -> None:
+    """One quick connection to the hub, so that an offline machine gets one line now rather than the
+    hub client's retries (25 s) and a long traceback."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise DownloadError(f"cannot reach {host}:{port} ({e}); the download needs network access "
+                            "(data/tiny works offline: see the README quickstart)") from None
+
+
 def fetch(repo: str, remote: str, dest: Path) -> None:
     """Download one repo file into the HF cache, then hard-link (or copy) it to dest."""
-    cached = Path(_hf_download()(repo_id=repo, filename=remote, repo_type="dataset"))
+    try:
+        cached = Path(_hf_download()(repo_id=repo, filename=remote, repo_type="dataset"))
+    except (ImportError, SystemExit):
+        raise
+    except Exception as e:  # the hub client's errors have no common base; each is one line here
+        raise DownloadError(f"downloading {remote} from {repo} failed: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
     # cache entries are symlinks into a blob store; link the blob itself so dest is a real file
     blob = cached.resolve(strict=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +165,8 @@ def fetch(repo: str, remote: str, dest: Path) -> None:
 def load_manifest(repo: str, out: Path) -> dict:
     path = manifest_local_path(repo, out)
     if not path.is_file():
+        if not os.environ.get("HF_HUB_OFFLINE"):
+            check_hub_reachable()
         fetch(repo, f"{REMOTE_ROOT}/manifest.json", path)
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -166,28 +195,42 @@ def main(argv: list[str] | None = None) -> int:
         else:
             manifest = load_manifest(repo, out)
         plan = plan_downloads(args.variant, args.train_shards, out, manifest)
-    except (ValueError, KeyError) as e:
+        if not args.dry_run:
+            return download(plan, repo, out, args.variant)
+    except (ValueError, KeyError, OSError, DownloadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    print_plan(plan, repo, manifest_path, dry_run=True)
+    return 0
+
+
+def print_plan(plan: Plan, repo: str, manifest_path: Path, dry_run: bool) -> None:
 
     print(f"repo: {repo} (dataset)  manifest: {manifest_path}")
     for note in plan.notes:
         print(f"note: {note}")
-    todo = [f for f in plan.fetches if not f.local.is_file()]
-    print(f"files: {len(plan.fetches)} planned, {len(plan.fetches) - len(todo)} already present")
+    present = sum(f.local.is_file() for f in plan.fetches)
+    print(f"files: {len(plan.fetches)} planned, {present} already present")
     for f in plan.fetches:
-        state = "present" if f.local.is_file() else ("would fetch" if args.dry_run else "fetch")
+        state = "present" if f.local.is_file() else ("would fetch" if dry_run else "fetch")
         print(f"{state}: {f.remote} -> {f.local}")
-    if args.dry_run:
-        return 0
 
+
+def download(plan: Plan, repo: str, out: Path, variant: str) -> int:
+    print_plan(plan, repo, manifest_local_path(repo, out), dry_run=False)
+    todo = [f for f in plan.fetches if not f.local.is_file()]
+    if todo and not os.environ.get("HF_HUB_OFFLINE"):
+        check_hub_reachable()
     for f in todo:
         fetch(repo, f.remote, f.local)
         if f.local.suffix == ".bin":
-            shard_token_count(f.local)  # fail loudly on a truncated or foreign file
-    dataset_dir = out / "datasets" / dataset_name(args.variant)
+            shard_token_count(str(f.local))  # fail loudly on a truncated or foreign file
+    dataset_dir = out / "datasets" / dataset_name(variant)
     model = next((f.local for f in plan.fetches if f.local.suffix == ".model"), None)
-    print(f"done. DATA_PATH={dataset_dir} TOKENIZER_PATH={model} VOCAB_SIZE={VARIANTS[args.variant]['vocab_size']}")
+    vocab = VARIANTS[variant]["vocab_size"]
+    if model is not None:
+        write_tokenizer_record(dataset_dir, model, vocab)
+    print(f"done. DATA_PATH={dataset_dir} TOKENIZER_PATH={model} VOCAB_SIZE={vocab}")
     return 0
 
 

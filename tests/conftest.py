@@ -69,15 +69,17 @@ def make_args(**overrides):
 
 
 def write_shard(path, tokens):
-    header = np.zeros(256, dtype="<i4")
-    header[:3] = (20240520, 1, len(tokens))
+    import train_gpt as tg
+    header = np.zeros(tg.SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = (tg.SHARD_MAGIC, tg.SHARD_VERSION, len(tokens))
     with open(path, "wb") as f:
         f.write(header.tobytes())
         f.write(np.asarray(tokens, dtype="<u2").tobytes())
 
 
 def read_tokens(path):
-    return np.fromfile(path, dtype="<u2", offset=1024)
+    import train_gpt as tg
+    return np.fromfile(path, dtype="<u2", offset=tg.SHARD_HEADER_INTS * 4)
 
 
 @pytest.fixture(scope="session")

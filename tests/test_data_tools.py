@@ -1,5 +1,6 @@
 """Tests of data/: the shard converter, the embedded tiny dataset and the downloader's plan."""
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -63,7 +64,7 @@ def test_read_shard_refuses_bad_magic_and_truncation(tmp_path):
     write_shard(tmp_path / "s.bin", list(range(10)))
     raw = bytearray((tmp_path / "s.bin").read_bytes())
     (tmp_path / "short.bin").write_bytes(raw[:-2])
-    with pytest.raises(ValueError, match="size"):
+    with pytest.raises(ValueError, match="truncated or corrupt"):
         read_shard(tmp_path / "short.bin")
     raw[0] ^= 0xFF
     (tmp_path / "magic.bin").write_bytes(raw)
@@ -87,7 +88,7 @@ def test_round_trip_gives_bos_plus_encode_per_doc_with_val_first(tmp_path):
     assert summary["tokens_train"] == sum(map(len, expected[3:])) == train.size
     assert len(summary["files_train"]) == -(-train.size // 40)
     assert all(header(p)[2] == 40 for p in summary["files_train"][:-1])
-    names = sorted(p.name for p in tmp_path.iterdir())
+    names = sorted(p.name for p in tmp_path.glob("*.bin"))
     assert names[0] == "fineweb_train_000000.bin" and names[-1].startswith("fineweb_val_")
 
 
@@ -194,7 +195,7 @@ def test_tiny_shards_decode_to_generated_text():
 
 def test_make_tiny_reproduces_committed_files(tmp_path):
     assert make_tiny.main(["--out", str(tmp_path)]) == 0
-    for name in ("tokenizer.model", "fineweb_train_000000.bin", "fineweb_val_000000.bin"):
+    for name in ("tokenizer.model", "fineweb_train_000000.bin", "fineweb_val_000000.bin", "tokenizer_record.json"):
         assert (tmp_path / name).read_bytes() == (TINY / name).read_bytes(), name
 
 
@@ -274,13 +275,15 @@ def test_download_fetches_plan_into_out_through_the_hub_cache(tmp_path, monkeypa
         return str(blob)
 
     monkeypatch.setattr(download_fineweb, "_hf_download", lambda: fake_hf_hub_download)
+    monkeypatch.setattr(download_fineweb, "check_hub_reachable", lambda: None)
     out = tmp_path / "data"
     assert download_fineweb.main(["--train-shards", "2", "--out", str(out)]) == 0
     assert asked[0] == ("willdepueoai/parameter-golf", "datasets/manifest.json", "dataset")
     assert len(asked) == 1 + 1 + 2 + 2
     shards = out / "datasets" / "fineweb10B_sp1024"
     assert sorted(p.name for p in shards.iterdir()) == [
-        "fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin"]
+        "fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin", "tokenizer_record.json"]
+    assert json.loads((shards / "tokenizer_record.json").read_text())["sha256"] == hashlib.sha256(b"tokenizer bytes").hexdigest()
     assert read_shard(shards / "fineweb_val_000000.bin").tolist() == [1, 7, 8]
     assert (out / "tokenizers" / "fineweb_1024_bpe.model").read_text() == "tokenizer bytes"
     assert f"DATA_PATH={shards}" in capsys.readouterr().out
