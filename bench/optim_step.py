@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import repo_paths  # noqa: F401  (puts the repository on sys.path for train_gpt)
 import train_gpt as tg  # noqa: E402
 
 

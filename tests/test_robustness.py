@@ -16,8 +16,7 @@ import torch
 import train_gpt as tg
 from conftest import ROOT, SCRIPT, TINY, log_value, make_args, read_tokens, run_train, write_shard
 
-sys.path.insert(0, str(ROOT / "data"))
-import convert_text  # noqa: E402
+import convert_text
 
 CPU = torch.device("cpu")
 TINY_SHA = hashlib.sha256((TINY / "tokenizer.model").read_bytes()).hexdigest()

@@ -4,13 +4,11 @@ torch.distributed.run."""
 
 import os
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import train_gpt as tg  # noqa: E402
+import train_gpt as tg  # the test puts the repository on PYTHONPATH
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")
