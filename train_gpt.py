@@ -1189,21 +1189,33 @@ def quantize_model(model: GPT, args: Hyperparameters, hessians: dict[str, Tensor
     return out, errors
 
 
+# Measured on record-size int6/int7 payloads (bench/RESULTS.md): chunked brotli spends 0.8% above the
+# Gaussian entropy of the rounded values, zstd 1.45%.
+CODER_OVERHEAD = {"zstd": 1.0145}
+LQER_FACTOR_BYTES = 0.4  # an int4 factor value clipped at its column's absmax: ~3.1 bits coded
+TENSOR_TABLE_BYTES = 20  # per state-dict entry: compressed JSON table entry + chunk table share
+
+
 def estimate_quantized_bits(bits: int, clip_sigmas: float) -> float:
     """Entropy (bits/value) of a Gaussian row rounded with step k*std/qmax: log2(qmax/k) + 2.05."""
     return min(float(bits), max(1.0, math.log2((2 ** (bits - 1) - 1) / max(clip_sigmas, 1e-3)) + 2.05))
 
 
 def estimate_artifact_bytes(model: GPT, args: Hyperparameters, code_bytes: int) -> int:
-    """Pre-flight size estimate: entropy-coded quantized values + fp16 row scales + fp16 small tensors."""
-    total, quantized = code_bytes, set()
+    """Pre-flight size estimate: code + coded quantized values + fp16 row scales + LQER factors (placed
+    on the largest matrices, since the error ranking is not known yet) + fp16 small tensors + tables."""
+    values, scales, quantized, sides = 0.0, 0, set(), []
     for name, m in quantizable_modules(model):
         spec = quant_spec(name, m.weight.numel(), args)
         if spec:
-            total += m.weight.numel() * estimate_quantized_bits(*spec) / 8 + 2 * m.weight.size(0)
+            values += m.weight.numel() * estimate_quantized_bits(*spec) / 8
+            scales += 2 * m.weight.size(0)
+            sides.append(sum(m.weight.shape))
             quantized.add(id(m.weight))
-    total += sum(2 * p.numel() for p in model.parameters() if id(p) not in quantized)
-    return int(total)
+    lqer = sum(sorted(sides)[-args.lqer_top_k:]) * args.lqer_rank * LQER_FACTOR_BYTES if args.lqer_rank and sides else 0
+    floats = sum(2 * p.numel() for p in model.parameters() if id(p) not in quantized)
+    tables = TENSOR_TABLE_BYTES * len(model.state_dict()) + len(ARTIFACT_MAGIC) + 51
+    return int(code_bytes + values * CODER_OVERHEAD.get(args.compressor, 1.008) + scales + lqer + floats + tables)
 
 
 # -----------------------------------------------------------------------------
@@ -1216,7 +1228,7 @@ def estimate_artifact_bytes(model: GPT, args: Hyperparameters, code_bytes: int) 
 COMPRESSOR_PACKAGES = {"zstd": "zstandard", "brotli": "brotli", "lzma": "lzma"}
 MAX_LEVELS = {"zstd": 22, "brotli": 11, "lzma": 9}
 # COMPRESSION_LEVEL=-1: brotli quality 10 with a 256 KiB window matched single-stream quality 11 on a
-# record-size int6 payload (-0.007% bytes) in a third of the time (bench/RESULTS.md).
+# record-size int6 payload (-0.007% bytes) in a third of its time (bench/RESULTS.md).
 DEFAULT_LEVELS = {"zstd": 22, "brotli": 10, "lzma": 9}
 CHUNK_BYTES = 1 << 20  # compression unit: chunks compress in parallel and are reused across budget refits
 SMALL_TENSOR_BYTES = 1 << 16  # tensors below this share one chunk group instead of getting their own
