@@ -1214,7 +1214,7 @@ def estimate_artifact_bytes(model: GPT, args: Hyperparameters, code_bytes: int) 
             quantized.add(id(m.weight))
     lqer = sum(sorted(sides)[-args.lqer_top_k:]) * args.lqer_rank * LQER_FACTOR_BYTES if args.lqer_rank and sides else 0
     floats = sum(2 * p.numel() for p in model.parameters() if id(p) not in quantized)
-    tables = TENSOR_TABLE_BYTES * len(model.state_dict()) + len(ARTIFACT_MAGIC) + 51
+    tables = TENSOR_TABLE_BYTES * len(model.state_dict()) + artifact_file_bytes(args.compressor, b"\0" * 4)
     return int(code_bytes + values * CODER_OVERHEAD.get(args.compressor, 1.008) + scales + lqer + floats + tables)
 
 
@@ -1409,12 +1409,17 @@ def artifact_file_bytes(comp_name: str, data: bytes) -> int:
     return len(ARTIFACT_MAGIC) + 3 + len(comp_name) + 40 + len(data)
 
 
+def compression_candidates(args: Hyperparameters) -> list[tuple[str, int]]:
+    """(compressor, level) pairs to try: COMPRESSOR, or all of them for auto."""
+    names = ("zstd", "brotli", "lzma") if args.compressor == "auto" else (args.compressor,)
+    return [(n, DEFAULT_LEVELS[n] if args.compression_level < 0 else min(args.compression_level, MAX_LEVELS[n])) for n in names]
+
+
 def compress_payload(chunks: list[bytes], args: Hyperparameters, rt: Runtime, cache: dict) -> tuple[str, bytes]:
     """Compressed, framed chunks with one compressor, or with each (auto) keeping the smallest; logs each candidate."""
     best = None
-    for cand in (("zstd", "brotli", "lzma") if args.compressor == "auto" else (args.compressor,)):
+    for cand, lvl in compression_candidates(args):
         t0 = time.perf_counter()
-        lvl = DEFAULT_LEVELS[cand] if args.compression_level < 0 else min(args.compression_level, MAX_LEVELS[cand])
         out, fresh = compress_chunks(chunks, cand, lvl, args.compress_workers, cache)
         data = frame_chunks(out)
         rt.log(f"compress candidate:{cand} level:{lvl} bytes:{len(data)} chunks:{len(out)} new:{fresh} "
@@ -2023,10 +2028,9 @@ def predict_export_seconds(model: GPT, args: Hyperparameters, rt: Runtime) -> di
             w = torch.randn(max(shapes, key=lambda k: math.prod(k[0]))[0])
             qt, _ = quantize_tensor(w, None, 6, 12.0, args)
             pred["quantize"] += args.lqer_top_k * timed(lambda: lqer_factors(w, qt, args.lqer_rank), rt)
-        sample = np.clip(np.random.default_rng(0).normal(32, 2.6, CHUNK_BYTES), 1, 63).astype(np.uint8).tobytes()
+        sample = np.clip(np.random.default_rng(0).normal(32, 2.6, min(raw_bytes, CHUNK_BYTES)), 1, 63).astype(np.uint8).tobytes()
         rounds = -(-math.ceil(raw_bytes / CHUNK_BYTES) // (args.compress_workers or usable_cpus()))
-        for cand in (("zstd", "brotli", "lzma") if args.compressor == "auto" else (args.compressor,)):
-            lvl = DEFAULT_LEVELS[cand] if args.compression_level < 0 else min(args.compression_level, MAX_LEVELS[cand])
+        for cand, lvl in compression_candidates(args):
             pred["compress"] += rounds * timed(lambda: compress_chunk((cand, lvl, sample)), rt)
     for k in sorted(pred):
         pred[k] = rt.all_reduce(torch.tensor(pred[k], device=rt.device), dist.ReduceOp.MAX).item()
@@ -2079,9 +2083,9 @@ def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime, hessians: di
     override, qcache, ccache = {}, {}, {}
     meta = dict(config=args.model_config(), looping=model.looping)
     while True:
-        t0, done = time.perf_counter(), len(qcache)
+        t0, done = time.perf_counter(), sum(len(k) == 2 for k in qcache)
         qstate, errors = quantize_model(model, args, hessians, override, qcache)
-        rt.log(f"quantize method:{args.quant} tensors:{len(errors)} new:{len(qcache) - done} "
+        rt.log(f"quantize method:{args.quant} tensors:{len(errors)} new:{sum(len(k) == 2 for k in qcache) - done} "
                f"lqer:{min(args.lqer_top_k, len(errors)) if args.lqer_rank else 0} seconds:{time.perf_counter() - t0:.2f}")
         bits = {k: v.bits for k, v in qstate.items() if isinstance(v, QTensor)}
         chunks = serialize_chunks(qstate, dict(meta, bits=bits), args.pack_bits)
