@@ -1015,12 +1015,21 @@ def quantizable_modules(model: nn.Module):
             yield name, m
 
 
+SCALE_STEPS = 32  # row scales on a log2 grid of 32 steps per octave (k moves <= 1.1%): a u8 code each
+
+
+def snap_scales(s: Tensor) -> Tensor:
+    """Row scales rounded to the log grid, at most 255 steps below the tensor's largest."""
+    codes = torch.round(SCALE_STEPS * torch.log2(s))
+    return torch.exp2(torch.maximum(codes, codes.max() - 255) / SCALE_STEPS)
+
+
 def row_scales(w: Tensor, bits: int, clip_sigmas: float, clip_search: bool) -> Tensor:
-    """Per-row step size (rows, 1), rounded to fp16 as stored. SDClip: clip at k*std(row); with
+    """Per-row step size (rows, 1), on the stored grid. SDClip: clip at k*std(row); with
     clip_search, each row picks the k in a small grid that minimises its round-to-nearest error."""
     qmax = 2 ** (bits - 1) - 1
     std = w.std(dim=1, keepdim=True, correction=0)
-    to_scale = lambda k: (k * std / qmax).clamp_min(1e-7).half().float()
+    to_scale = lambda k: snap_scales((k * std / qmax).clamp_min(1e-7))
     if not clip_search:
         return to_scale(clip_sigmas)
     best, best_err = None, None
@@ -1029,7 +1038,7 @@ def row_scales(w: Tensor, bits: int, clip_sigmas: float, clip_search: bool) -> T
         err = (w - quantize_rtn(w, s, bits) * s).square().sum(1, keepdim=True)
         best = s if best is None else torch.where(err < best_err, s, best)
         best_err = err if best_err is None else torch.minimum(err, best_err)
-    return best
+    return snap_scales(best)
 
 
 def quantize_rtn(w: Tensor, scale: Tensor, bits: int) -> Tensor:
@@ -1121,7 +1130,7 @@ def self_generated_batches(model: GPT, args: Hyperparameters, rt: Runtime, n_bat
 @dataclass
 class QTensor:
     q: Tensor            # int8 values in [-qmax, qmax]
-    scale: Tensor        # fp16 per-row step
+    scale: Tensor        # fp32 per-row step on the SCALE_STEPS grid
     bits: int
     lqer: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # int4 A, fp16 per-column A scales, int4 B, fp16 per-row B scales
 
@@ -1151,7 +1160,7 @@ def quantize_tensor(w: Tensor, H: Tensor | None, bits: int, clip: float, args: H
         q = quantize_rtn(w, scale, bits)
     E = w - q * scale
     err = float((E @ H.to(w.device) * E).sum()) if H is not None else float(E.square().sum())
-    return QTensor(q.to(torch.int8).cpu(), scale.half().cpu(), bits), err
+    return QTensor(q.to(torch.int8).cpu(), scale.cpu(), bits), err
 
 
 def lqer_factors(w: Tensor, qt: QTensor, rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -1189,10 +1198,11 @@ def quantize_model(model: GPT, args: Hyperparameters, hessians: dict[str, Tensor
     return out, errors
 
 
-# Measured on record-size int6/int7 payloads (bench/RESULTS.md): chunked brotli spends 0.8% above the
-# Gaussian entropy of the rounded values, zstd 1.45%.
+# Bytes per byte of Gaussian entropy of the rounded values, measured on a record-size payload of
+# random weights (bench/RESULTS.md); trained weights code up to ~0.5% smaller.
 CODER_OVERHEAD = {"zstd": 1.0145}
 LQER_FACTOR_BYTES = 0.4  # an int4 factor value clipped at its column's absmax: ~3.1 bits coded
+SCALE_CODE_BYTES = 0.5  # a row scale's u8 grid code: rows of a tensor span a few octaves at most
 TENSOR_TABLE_BYTES = 20  # per state-dict entry: compressed JSON table entry + chunk table share
 
 
@@ -1202,20 +1212,20 @@ def estimate_quantized_bits(bits: int, clip_sigmas: float) -> float:
 
 
 def estimate_artifact_bytes(model: GPT, args: Hyperparameters, code_bytes: int) -> int:
-    """Pre-flight size estimate: code + coded quantized values + fp16 row scales + LQER factors (placed
+    """Pre-flight size estimate: code + coded quantized values + row scale codes + LQER factors (placed
     on the largest matrices, since the error ranking is not known yet) + fp16 small tensors + tables."""
     values, scales, quantized, sides = 0.0, 0, set(), []
     for name, m in quantizable_modules(model):
         spec = quant_spec(name, m.weight.numel(), args)
         if spec:
             values += m.weight.numel() * estimate_quantized_bits(*spec) / 8
-            scales += 2 * m.weight.size(0)
+            scales += SCALE_CODE_BYTES * m.weight.size(0)
             sides.append(sum(m.weight.shape))
             quantized.add(id(m.weight))
     lqer = sum(sorted(sides)[-args.lqer_top_k:]) * args.lqer_rank * LQER_FACTOR_BYTES if args.lqer_rank and sides else 0
     floats = sum(2 * p.numel() for p in model.parameters() if id(p) not in quantized)
     tables = TENSOR_TABLE_BYTES * len(model.state_dict()) + artifact_file_bytes(args.compressor, b"\0" * 4)
-    return int(code_bytes + values * CODER_OVERHEAD.get(args.compressor, 1.008) + scales + lqer + floats + tables)
+    return int(code_bytes + values * CODER_OVERHEAD.get(args.compressor, 1.0105) + scales + lqer + floats + tables)
 
 
 # -----------------------------------------------------------------------------
@@ -1292,9 +1302,10 @@ def tensor_record(name: str, t, pack: bool, base: int) -> tuple[dict, bytes]:
     if isinstance(t, QTensor):
         qmax = 2 ** (t.bits - 1) - 1
         vals = (t.q.numpy().astype(np.int16) + qmax).reshape(-1)
+        codes = torch.round(SCALE_STEPS * torch.log2(t.scale.float())).to(torch.int32)
         entry = dict(name=name, kind="q", shape=list(t.q.shape), bits=t.bits, packed=pack,
                      q=put(pack_bits(vals, t.bits) if pack else vals.astype(np.uint8).tobytes()),
-                     scale=put(shuffle_fp16(t.scale)))
+                     scale_base=int(codes.min()), scale=put((codes - codes.min()).to(torch.uint8).numpy().tobytes()))
         if t.lqer is not None:
             qa, sa, qb, sb = t.lqer
             entry["lqer"] = dict(rank=qa.size(1), a=put(qa.numpy().tobytes()), sa=put(shuffle_fp16(sa)),
@@ -1351,7 +1362,8 @@ def deserialize_state(payload: bytes) -> tuple[dict, dict]:
             raw = get(e["q"])
             vals = unpack_bits(raw, e["bits"], numel) if e["packed"] else np.frombuffer(raw, dtype=np.uint8)
             q = torch.from_numpy(vals.astype(np.int16) - qmax).to(torch.int8).view(shape)
-            t = QTensor(q, unshuffle_fp16(get(e["scale"]), (shape[0], 1)), e["bits"])
+            codes = torch.frombuffer(bytearray(get(e["scale"])), dtype=torch.uint8).float() + e["scale_base"]
+            t = QTensor(q, torch.exp2(codes / SCALE_STEPS).view(shape[0], 1), e["bits"])
             if "lqer" in e:
                 lq, r = e["lqer"], e["lqer"]["rank"]
                 a = torch.frombuffer(bytearray(get(lq["a"])), dtype=torch.int8).view(shape[0], r)

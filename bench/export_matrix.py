@@ -136,7 +136,7 @@ def record_payload(opts) -> int:
     chunks = tg.serialize_chunks(qstate, dict(config=args.model_config(), looping=False, bits=bits), False)
     raw = b"".join(chunks)
     rows, ref = [], None
-    for label, (enc, dec, chunked) in compression_options().items():
+    for label, (enc, dec, chunked) in compression_options().items() if opts.options else ():
         parts = chunks if chunked else [raw]
         t0 = time.process_time()
         out = [enc(c) for c in parts]
@@ -182,6 +182,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="record")
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "RESULTS.md")
     ap.add_argument("--record-payload", action="store_true", help="only the compression table at the record size (no training)")
+    ap.add_argument("--no-options", dest="options", action="store_false",
+                    help="with --record-payload: only the default export and the estimate check, no option table")
     opts = ap.parse_args(argv)
     if opts.record_payload:
         return record_payload(opts)
