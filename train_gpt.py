@@ -2016,7 +2016,8 @@ def predict_export_seconds(model: GPT, args: Hyperparameters, rt: Runtime) -> di
     sample of each scaled by size (their cost does not depend on the weights' values)."""
     accum = grad_accum_steps(args, rt)
     seqs = max(1, args.train_batch_tokens // (args.train_seq_len * rt.world_size * accum))
-    x = torch.randint(0, args.vocab_size, (seqs, args.train_seq_len), device=rt.device)
+    g = torch.Generator(device=rt.device).manual_seed(0)  # leaves the global RNG, and so training, untouched
+    x = torch.randint(0, args.vocab_size, (seqs, args.train_seq_len), device=rt.device, generator=g)
     looping, model.looping = model.looping, args.num_loops > 1
     collect_hessians(model, [(x, None)], rt)  # warm-up: first calls pay for library initialisation
     batch_s = timed(lambda: collect_hessians(model, [(x, None)], rt), rt)
@@ -2033,11 +2034,11 @@ def predict_export_seconds(model: GPT, args: Hyperparameters, rt: Runtime) -> di
             if spec:
                 shapes[tuple(m.weight.shape), spec] = shapes.get((tuple(m.weight.shape), spec), 0) + 1
         for (shape, (bits, clip)), n in shapes.items():
-            w = torch.randn(shape, device=rt.device)
+            w = torch.randn(shape, device=rt.device, generator=g)
             H = torch.eye(shape[1], device=rt.device) if args.quant == "gptq" else None
             pred["quantize"] += n * timed(lambda: quantize_tensor(w, H, bits, clip, args), rt)
         if args.lqer_rank and shapes:
-            w = torch.randn(max(shapes, key=lambda k: math.prod(k[0]))[0])
+            w = torch.randn(max(shapes, key=lambda k: math.prod(k[0]))[0], device=rt.device, generator=g).cpu()
             qt, _ = quantize_tensor(w, None, 6, 12.0, args)
             pred["quantize"] += args.lqer_top_k * timed(lambda: lqer_factors(w, qt, args.lqer_rank), rt)
         sample = np.clip(np.random.default_rng(0).normal(32, 2.6, min(raw_bytes, CHUNK_BYTES)), 1, 63).astype(np.uint8).tobytes()
