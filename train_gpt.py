@@ -1200,7 +1200,7 @@ def quantize_model(model: GPT, args: Hyperparameters, hessians: dict[str, Tensor
 
 # Bytes per byte of Gaussian entropy of the rounded values, measured on a record-size payload of
 # random weights (bench/RESULTS.md); trained weights code up to ~0.5% smaller.
-CODER_OVERHEAD = {"zstd": 1.0145}
+CODER_OVERHEAD = {"zstd": 1.0155}
 LQER_FACTOR_BYTES = 0.4  # an int4 factor value clipped at its column's absmax: ~3.1 bits coded
 SCALE_CODE_BYTES = 0.5  # a row scale's u8 grid code: rows of a tensor span a few octaves at most
 TENSOR_TABLE_BYTES = 20  # per state-dict entry: compressed JSON table entry + chunk table share
