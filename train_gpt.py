@@ -1345,10 +1345,6 @@ def serialize_chunks(qstate: dict, meta: dict, pack: bool) -> list[bytes]:
     return chunks
 
 
-def serialize_state(qstate: dict, meta: dict, pack: bool) -> bytes:
-    return b"".join(serialize_chunks(qstate, meta, pack))
-
-
 def deserialize_state(payload: bytes) -> tuple[dict, dict]:
     (n,) = struct.unpack_from("<I", payload)
     meta = json.loads(payload[4:4 + n])

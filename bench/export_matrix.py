@@ -75,11 +75,11 @@ def rans_bytes(qstate: dict, args) -> tuple[int, float, float] | None:
         dec_s += time.perf_counter() - t0
         assert np.array_equal(decoded, sym), name
         total += data.nbytes + 4 * counts.size
-        rest[name + ".scale"] = t.scale
+        rest[name + ".scale"] = t.scale.half()
         if t.lqer is not None:
             for i, f in enumerate(t.lqer):
                 rest[f"{name}.lqer{i}"] = f
-    raw = tg.serialize_state(rest, {}, False)
+    raw = b"".join(tg.serialize_chunks(rest, {}, False))
     total += min(len(tg.compressor(c)[0](raw, tg.MAX_LEVELS[c])) for c in GENERIC)
     return total, enc_s, dec_s
 
@@ -211,11 +211,11 @@ def main(argv=None) -> int:
         qstate, _ = tg.quantize_model(model, vargs, hessians)
         quant_s = time.perf_counter() - t0
         meta = dict(config=vargs.model_config(), looping=model.looping)
-        raw = tg.serialize_state(qstate, meta, False)
+        raw = b"".join(tg.serialize_chunks(qstate, meta, False))
         bpb = roundtrip_bpb(raw, vargs, rt, val_tokens, luts)
         cells = []
         for comp, packed in [(c, False) for c in GENERIC] + [("brotli", True)]:
-            raw = tg.serialize_state(qstate, meta, packed)
+            raw = b"".join(tg.serialize_chunks(qstate, meta, packed))
             enc, dec = tg.compressor(comp)
             t0 = time.perf_counter()
             data = enc(raw, tg.MAX_LEVELS[comp])
