@@ -11,7 +11,7 @@ import copy
 import fcntl
 import glob
 import hashlib
-import io
+import itertools
 import json
 import math
 import os
@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import sentencepiece as spm
@@ -46,7 +46,7 @@ OFFICIAL_TOKENIZERS = {
 DATA_HINT = ("get FineWeb with `python data/download_fineweb.py --variant sp8192`, or try the bundled tiny "
              "dataset: `env $(cat data/tiny/quickstart.env) python train_gpt.py` (README, quickstart)")
 ARTIFACT_MAGIC = b"PGOLFART"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: payload split into independently compressed chunks
 
 # -----------------------------------------------------------------------------
 # HYPERPARAMETERS
@@ -114,7 +114,7 @@ KNOBS = [
     K("GRAD_ACCUM_STEPS", 0, int, "micro-batches per rank per step (0: 8 // world_size)", 0),
     K("ITERATIONS", 20000, int, "maximum optimizer steps", 0),
     K("MAX_WALLCLOCK_SECONDS", 600.0, float, "training time cap in seconds (0: none)", 0.0),
-    K("GPTQ_RESERVE_SECONDS", 8.0, float, "seconds of the cap kept for GPTQ calibration and export", 0.0),
+    K("GPTQ_RESERVE_SECONDS", "auto", float, "seconds of the cap kept for GPTQ calibration and export (auto: predicted from timed samples)", 0.0),
     K("WARMUP_STEPS", 20, int, "compile-priming steps, undone before training", 0),
     K("LR_WARMUP_STEPS", 0, int, "linear LR warmup steps", 0),
     K("WARMDOWN_ITERS", 0, int, "LR warmdown length in steps (0: use WARMDOWN_FRAC)", 0),
@@ -155,8 +155,8 @@ KNOBS = [
     K("EMBED_BITS", 7, int, "bits of embedding tables", 2),
     K("OTHER_BITS", 8, int, "bits of other matrices (projections, gates)", 2),
     K("ATTN_CLIP_SIGMAS", 13.0, float, "SDClip k for attention: clip at k*std(row)", 0.0),
-    K("MLP_CLIP_SIGMAS", 11.5, float, "SDClip k for MLP matrices", 0.0),
-    K("EMBED_CLIP_SIGMAS", 14.0, float, "SDClip k for embeddings", 0.0),
+    K("MLP_CLIP_SIGMAS", 12.0, float, "SDClip k for MLP matrices", 0.0),
+    K("EMBED_CLIP_SIGMAS", 15.0, float, "SDClip k for embeddings", 0.0),
     K("OTHER_CLIP_SIGMAS", 16.0, float, "SDClip k for other matrices", 0.0),
     K("CLIP_SEARCH", 0, bool, "per-row search of the clip multiplier minimising error (else fixed SDClip)"),
     K("KEEP_FLOAT_NUMEL", 65536, int, "tensors with fewer elements are stored as fp16", 0),
@@ -168,7 +168,8 @@ KNOBS = [
     K("LQER_TOP_K", 3, int, "tensors with the largest error that get LQER", 0),
     K("PACK_BITS", 0, bool, "bit-pack quantized values densely (smaller raw, but generic compressors do worse)"),
     K("COMPRESSOR", "brotli", ("zstd", "brotli", "lzma", "auto"), "artifact compressor (auto: smallest of all)"),
-    K("COMPRESSION_LEVEL", -1, int, "compressor level (-1: the maximum)", -1),
+    K("COMPRESSION_LEVEL", -1, int, "compressor level (-1: brotli 10, zstd 22, lzma 9)", -1),
+    K("COMPRESS_WORKERS", 0, int, "processes compressing artifact chunks in parallel (0: one per usable core)", 0),
     K("ARTIFACT_BUDGET", 16000000, int, "bytes allowed for code + model; export lowers bits to fit", 1),
     K("ARTIFACT_PATH", "", str, "artifact file (default logs/<RUN_ID>.pgart)"),
     K("EVAL_ONLY", "", str, "artifact to evaluate instead of training"),
@@ -216,6 +217,8 @@ class ConfigError(ValueError):
 
 def parse_knob(knob: Knob, raw: str):
     what = f"{knob.name}={raw!r}"
+    if raw == "auto" == knob.default:
+        return raw
     if isinstance(knob.kind, tuple):
         if raw not in knob.kind:
             raise ConfigError(f"{what}: expected one of {', '.join(knob.kind)}")
@@ -1211,12 +1214,13 @@ def quant_class(name: str) -> str:
 
 
 def quant_spec(name: str, numel: int, args: Hyperparameters, bits_override: dict | None = None):
-    """(bits, clip_sigmas) for a QuantWeight module's weight, or None to keep it in fp16."""
-    if numel < args.keep_float_numel:
+    """(bits, clip_sigmas) for a QuantWeight module's weight, or None to keep it in fp16 (small
+    tensors, unless budget fitting put them in bits_override)."""
+    bits = (bits_override or {}).get(name)
+    if bits is None and numel < args.keep_float_numel:
         return None
     cls = quant_class(name)
-    bits = (bits_override or {}).get(name, getattr(args, f"{cls}_bits"))
-    return bits, getattr(args, f"{cls}_clip_sigmas")
+    return bits or getattr(args, f"{cls}_bits"), getattr(args, f"{cls}_clip_sigmas")
 
 
 def quantizable_modules(model: nn.Module):
@@ -1225,12 +1229,21 @@ def quantizable_modules(model: nn.Module):
             yield name, m
 
 
+SCALE_STEPS = 32  # row scales on a log2 grid of 32 steps per octave (k moves <= 1.1%): a u8 code each
+
+
+def snap_scales(s: Tensor) -> Tensor:
+    """Row scales rounded to the log grid, at most 255 steps below the tensor's largest."""
+    codes = torch.round(SCALE_STEPS * torch.log2(s))
+    return torch.exp2(torch.maximum(codes, codes.max() - 255) / SCALE_STEPS)
+
+
 def row_scales(w: Tensor, bits: int, clip_sigmas: float, clip_search: bool) -> Tensor:
-    """Per-row step size (rows, 1), rounded to fp16 as stored. SDClip: clip at k*std(row); with
+    """Per-row step size (rows, 1), on the stored grid. SDClip: clip at k*std(row); with
     clip_search, each row picks the k in a small grid that minimises its round-to-nearest error."""
     qmax = 2 ** (bits - 1) - 1
     std = w.std(dim=1, keepdim=True, correction=0)
-    to_scale = lambda k: (k * std / qmax).clamp_min(1e-7).half().float()
+    to_scale = lambda k: snap_scales((k * std / qmax).clamp_min(1e-7))
     if not clip_search:
         return to_scale(clip_sigmas)
     best, best_err = None, None
@@ -1239,7 +1252,7 @@ def row_scales(w: Tensor, bits: int, clip_sigmas: float, clip_search: bool) -> T
         err = (w - quantize_rtn(w, s, bits) * s).square().sum(1, keepdim=True)
         best = s if best is None else torch.where(err < best_err, s, best)
         best_err = err if best_err is None else torch.minimum(err, best_err)
-    return best
+    return snap_scales(best)
 
 
 def quantize_rtn(w: Tensor, scale: Tensor, bits: int) -> Tensor:
@@ -1331,9 +1344,9 @@ def self_generated_batches(model: GPT, args: Hyperparameters, rt: Runtime, n_bat
 @dataclass
 class QTensor:
     q: Tensor            # int8 values in [-qmax, qmax]
-    scale: Tensor        # fp16 per-row step
+    scale: Tensor        # fp32 per-row step on the SCALE_STEPS grid
     bits: int
-    lqer: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # int8 A, fp16 A scales, int8 B, fp16 B scales
+    lqer: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # int4 A, fp16 per-column A scales, int4 B, fp16 per-row B scales
 
     def dequantize(self) -> Tensor:
         w = self.q.float() * self.scale.float()
@@ -1343,15 +1356,39 @@ class QTensor:
         return w
 
 
-def quantize_int8_absmax(x: Tensor) -> tuple[Tensor, Tensor]:
-    s = (x.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-7).half()
-    return torch.clamp(torch.round(x / s.float()), -127, 127).to(torch.int8), s
+LQER_QMAX = 7  # LQER factors in int4: at rank 4 they correct almost as well as int8 at half the bytes
+
+
+def quantize_lqer_factor(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Symmetric int4 with one fp16 scale per rank component (reduced over dim)."""
+    s = (x.abs().amax(dim=dim, keepdim=True) / LQER_QMAX).clamp_min(1e-7).half()
+    return torch.clamp(torch.round(x / s.float()), -LQER_QMAX, LQER_QMAX).to(torch.int8), s
+
+
+def quantize_tensor(w: Tensor, H: Tensor | None, bits: int, clip: float, args: Hyperparameters) -> tuple[QTensor, float]:
+    """GPTQ (or round-to-nearest) of one matrix, with its Hessian-weighted squared error."""
+    scale = row_scales(w, bits, clip, args.clip_search)
+    if args.quant == "gptq" and H is not None:
+        q = gptq_quantize(w, H.to(w.device), scale, bits, args.gptq_damp, args.gptq_block_size)
+    else:
+        q = quantize_rtn(w, scale, bits)
+    E = w - q * scale
+    err = float((E @ H.to(w.device) * E).sum()) if H is not None else float(E.square().sum())
+    return QTensor(q.to(torch.int8).cpu(), scale.cpu(), bits), err
+
+
+def lqer_factors(w: Tensor, qt: QTensor, rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    U, S, Vh = torch.linalg.svd(w - qt.dequantize(), full_matrices=False)
+    r = min(rank, S.numel())
+    return (*quantize_lqer_factor(U[:, :r] * S[:r], 0), *quantize_lqer_factor(Vh[:r], 1))
 
 
 def quantize_model(model: GPT, args: Hyperparameters, hessians: dict[str, Tensor],
-                   bits_override: dict | None = None) -> tuple[dict, dict]:
+                   bits_override: dict | None = None, cache: dict | None = None) -> tuple[dict, dict]:
     """State dict -> {name: QTensor or fp16 tensor}, plus the Hessian-weighted error of each
-    quantized tensor (the proxy used to place LQER and to choose what budget fitting lowers)."""
+    quantized tensor (the proxy used to place LQER and to choose what budget fitting lowers).
+    cache maps (tensor, bits) to finished work, so a refit only quantizes what it changed."""
+    cache = {} if cache is None else cache
     specs = {}
     for name, m in quantizable_modules(model):
         spec = quant_spec(name, m.weight.numel(), args, bits_override)
@@ -1363,25 +1400,24 @@ def quantize_model(model: GPT, args: Hyperparameters, hessians: dict[str, Tensor
             out[key] = t.detach().to(torch.float16 if t.is_floating_point() else t.dtype).cpu()
             continue
         name, (bits, clip) = specs[key]
-        w = t.detach().float()
-        scale = row_scales(w, bits, clip, args.clip_search)
-        H = hessians.get(name)
-        if args.quant == "gptq" and H is not None:
-            q = gptq_quantize(w, H.to(w.device), scale, bits, args.gptq_damp, args.gptq_block_size)
-        else:
-            q = quantize_rtn(w, scale, bits)
-        E = w - q * scale
-        errors[key] = float((E @ H.to(w.device) * E).sum()) if H is not None else float(E.square().sum())
-        out[key] = QTensor(q.to(torch.int8).cpu(), scale.half().cpu(), bits)
+        if (key, bits) not in cache:
+            cache[key, bits] = quantize_tensor(t.detach().float(), hessians.get(name), bits, clip, args)
+        out[key], errors[key] = cache[key, bits]
     if args.lqer_rank > 0:
         for key in sorted(errors, key=errors.get, reverse=True)[:args.lqer_top_k]:
-            qt, w = out[key], state[key].detach().float().cpu()
-            U, S, Vh = torch.linalg.svd(w - qt.dequantize(), full_matrices=False)
-            r = min(args.lqer_rank, S.numel())
-            qa, sa = quantize_int8_absmax(U[:, :r] * S[:r])
-            qb, sb = quantize_int8_absmax(Vh[:r])
-            qt.lqer = (qa, sa, qb, sb)
+            bits = out[key].bits
+            if (key, bits, "lqer") not in cache:
+                cache[key, bits, "lqer"] = lqer_factors(state[key].detach().float().cpu(), out[key], args.lqer_rank)
+            out[key] = replace(out[key], lqer=cache[key, bits, "lqer"])
     return out, errors
+
+
+# Bytes per byte of Gaussian entropy of the rounded values, measured on a record-size payload of
+# random weights (bench/RESULTS.md); trained weights code up to ~0.5% smaller.
+CODER_OVERHEAD = {"zstd": 1.0155}
+LQER_FACTOR_BYTES = 0.4  # an int4 factor value clipped at its column's absmax: ~3.1 bits coded
+SCALE_CODE_BYTES = 0.5  # a row scale's u8 grid code: rows of a tensor span a few octaves at most
+TENSOR_TABLE_BYTES = 20  # per state-dict entry: compressed JSON table entry + chunk table share
 
 
 def estimate_quantized_bits(bits: int, clip_sigmas: float) -> float:
@@ -1390,25 +1426,36 @@ def estimate_quantized_bits(bits: int, clip_sigmas: float) -> float:
 
 
 def estimate_artifact_bytes(model: GPT, args: Hyperparameters, code_bytes: int) -> int:
-    """Pre-flight size estimate: entropy-coded quantized values + fp16 row scales + fp16 small tensors."""
-    total, quantized = code_bytes, set()
+    """Pre-flight size estimate: code + coded quantized values + row scale codes + LQER factors (placed
+    on the largest matrices, since the error ranking is not known yet) + fp16 small tensors + tables."""
+    values, scales, quantized, sides = 0.0, 0, set(), []
     for name, m in quantizable_modules(model):
         spec = quant_spec(name, m.weight.numel(), args)
         if spec:
-            total += m.weight.numel() * estimate_quantized_bits(*spec) / 8 + 2 * m.weight.size(0)
+            values += m.weight.numel() * estimate_quantized_bits(*spec) / 8
+            scales += SCALE_CODE_BYTES * m.weight.size(0)
+            sides.append(sum(m.weight.shape))
             quantized.add(id(m.weight))
-    total += sum(2 * p.numel() for p in model.parameters() if id(p) not in quantized)
-    return int(total)
+    lqer = sum(sorted(sides)[-args.lqer_top_k:]) * args.lqer_rank * LQER_FACTOR_BYTES if args.lqer_rank and sides else 0
+    floats = sum(2 * p.numel() for p in model.parameters() if id(p) not in quantized)
+    tables = TENSOR_TABLE_BYTES * len(model.state_dict()) + artifact_file_bytes(args.compressor, b"\0" * 4)
+    return int(code_bytes + values * CODER_OVERHEAD.get(args.compressor, 1.0105) + scales + lqer + floats + tables)
 
 
 # -----------------------------------------------------------------------------
 # ARTIFACT FORMAT AND COMPRESSION
 # -----------------------------------------------------------------------------
 # File: MAGIC | u16 version | u8 n + compressor name | u64 payload length | sha256(payload) | payload.
-# Payload (compressed): u32 n + JSON header (config, tensor table) | blob of packed tensors.
+# Payload: u32 chunk count | u32 compressed length per chunk | chunks, each compressed on its own.
+# The decompressed chunks joined: u32 n + JSON header (config, tensor table) | blob of packed tensors.
 
 COMPRESSOR_PACKAGES = {"zstd": "zstandard", "brotli": "brotli", "lzma": "lzma"}
 MAX_LEVELS = {"zstd": 22, "brotli": 11, "lzma": 9}
+# COMPRESSION_LEVEL=-1: brotli quality 10 with a 256 KiB window matched single-stream quality 11 on a
+# record-size int6 payload (-0.007% bytes) in a third of its time (bench/RESULTS.md).
+DEFAULT_LEVELS = {"zstd": 22, "brotli": 10, "lzma": 9}
+CHUNK_BYTES = 1 << 20  # compression unit: chunks compress in parallel and are reused across budget refits
+SMALL_TENSOR_BYTES = 1 << 16  # tensors below this share one chunk group instead of getting their own
 
 
 def compressor(name: str):
@@ -1420,7 +1467,7 @@ def compressor(name: str):
                     lambda b: zstandard.ZstdDecompressor().decompress(b))
         if name == "brotli":
             import brotli
-            return lambda b, lvl: brotli.compress(b, quality=lvl), brotli.decompress
+            return lambda b, lvl: brotli.compress(b, quality=lvl, lgwin=18), brotli.decompress
         if name == "lzma":
             import lzma
             return lambda b, lvl: lzma.compress(b, preset=lvl | lzma.PRESET_EXTREME), lzma.decompress
@@ -1456,33 +1503,60 @@ def unshuffle_fp16(data: bytes, shape) -> Tensor:
     return torch.from_numpy(b.view(np.int16).reshape(shape)).view(torch.float16)
 
 
-def serialize_state(qstate: dict, meta: dict, pack: bool) -> bytes:
-    blob, table = io.BytesIO(), []
+def tensor_record(name: str, t, pack: bool, base: int) -> tuple[dict, bytes]:
+    """One tensor's table entry (spans offset by base) and its bytes, which do not depend on base."""
+    parts, size = [], 0
 
     def put(data: bytes) -> list[int]:
-        start = blob.tell()
-        blob.write(data)
-        return [start, len(data)]
+        nonlocal size
+        parts.append(data)
+        size += len(data)
+        return [base + size - len(data), len(data)]
 
-    for name, t in qstate.items():
-        if isinstance(t, QTensor):
-            qmax = 2 ** (t.bits - 1) - 1
-            vals = (t.q.numpy().astype(np.int16) + qmax).reshape(-1)
-            entry = dict(name=name, kind="q", shape=list(t.q.shape), bits=t.bits, packed=pack,
-                         q=put(pack_bits(vals, t.bits) if pack else vals.astype(np.uint8).tobytes()),
-                         scale=put(shuffle_fp16(t.scale)))
-            if t.lqer is not None:
-                qa, sa, qb, sb = t.lqer
-                entry["lqer"] = dict(rank=qa.size(1), a=put(qa.numpy().tobytes()), sa=put(shuffle_fp16(sa)),
-                                     b=put(qb.numpy().tobytes()), sb=put(shuffle_fp16(sb)))
-        elif t.dtype == torch.float16:
-            entry = dict(name=name, kind="fp16", shape=list(t.shape), data=put(shuffle_fp16(t)))
-        else:
-            entry = dict(name=name, kind="raw", dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
-                         data=put(t.numpy().tobytes()))
+    if isinstance(t, QTensor):
+        qmax = 2 ** (t.bits - 1) - 1
+        vals = (t.q.numpy().astype(np.int16) + qmax).reshape(-1)
+        codes = torch.round(SCALE_STEPS * torch.log2(t.scale.float())).to(torch.int32)
+        entry = dict(name=name, kind="q", shape=list(t.q.shape), bits=t.bits, packed=pack,
+                     q=put(pack_bits(vals, t.bits) if pack else vals.astype(np.uint8).tobytes()),
+                     scale_base=int(codes.min()), scale=put((codes - codes.min()).to(torch.uint8).numpy().tobytes()))
+        if t.lqer is not None:
+            qa, sa, qb, sb = t.lqer
+            entry["lqer"] = dict(rank=qa.size(1), a=put(qa.numpy().tobytes()), sa=put(shuffle_fp16(sa)),
+                                 b=put(qb.numpy().tobytes()), sb=put(shuffle_fp16(sb)))
+    elif t.dtype == torch.float16:
+        entry = dict(name=name, kind="fp16", shape=list(t.shape), data=put(shuffle_fp16(t)))
+    else:
+        entry = dict(name=name, kind="raw", dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
+                     data=put(t.numpy().tobytes()))
+    return entry, b"".join(parts)
+
+
+def split_even(data: bytes, limit: int) -> list[bytes]:
+    n = -(-len(data) // limit)
+    size = -(-len(data) // max(n, 1))
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+def serialize_chunks(qstate: dict, meta: dict, pack: bool) -> list[bytes]:
+    """The payload as independent chunks: header, the small tensors together, then each large tensor
+    in pieces of at most CHUNK_BYTES, so a chunk's bytes change only when its own tensors do.
+    Joined, the chunks are the payload deserialize_state reads."""
+    nbytes = lambda t: t.q.numel() if isinstance(t, QTensor) else t.numel() * t.element_size()
+    names = sorted(qstate, key=lambda n: nbytes(qstate[n]) >= SMALL_TENSOR_BYTES)  # stable: small ones first
+    table, groups, base = [], [[]], 0
+    for name in names:
+        entry, data = tensor_record(name, qstate[name], pack, base)
         table.append(entry)
+        base += len(data)
+        if len(data) >= SMALL_TENSOR_BYTES:
+            groups.append([])
+        groups[-1].append(data)
     header = json.dumps(dict(meta, tensors=table), separators=(",", ":")).encode()
-    return struct.pack("<I", len(header)) + header + blob.getvalue()
+    chunks = [struct.pack("<I", len(header)) + header]
+    for group in groups:
+        chunks += split_even(b"".join(group), CHUNK_BYTES)
+    return chunks
 
 
 def deserialize_state(payload: bytes) -> tuple[dict, dict]:
@@ -1498,12 +1572,13 @@ def deserialize_state(payload: bytes) -> tuple[dict, dict]:
             raw = get(e["q"])
             vals = unpack_bits(raw, e["bits"], numel) if e["packed"] else np.frombuffer(raw, dtype=np.uint8)
             q = torch.from_numpy(vals.astype(np.int16) - qmax).to(torch.int8).view(shape)
-            t = QTensor(q, unshuffle_fp16(get(e["scale"]), (shape[0], 1)), e["bits"])
+            codes = torch.frombuffer(bytearray(get(e["scale"])), dtype=torch.uint8).float() + e["scale_base"]
+            t = QTensor(q, torch.exp2(codes / SCALE_STEPS).view(shape[0], 1), e["bits"])
             if "lqer" in e:
                 lq, r = e["lqer"], e["lqer"]["rank"]
                 a = torch.frombuffer(bytearray(get(lq["a"])), dtype=torch.int8).view(shape[0], r)
                 b = torch.frombuffer(bytearray(get(lq["b"])), dtype=torch.int8).view(r, shape[1])
-                t.lqer = (a, unshuffle_fp16(get(lq["sa"]), (shape[0], 1)), b, unshuffle_fp16(get(lq["sb"]), (r, 1)))
+                t.lqer = (a, unshuffle_fp16(get(lq["sa"]), (1, r)), b, unshuffle_fp16(get(lq["sb"]), (r, 1)))
             state[e["name"]] = t.dequantize()
         elif e["kind"] == "fp16":
             state[e["name"]] = unshuffle_fp16(get(e["data"]), shape).float()
@@ -1512,14 +1587,65 @@ def deserialize_state(payload: bytes) -> tuple[dict, dict]:
     return meta, state
 
 
-def compress_payload(raw: bytes, name: str, level: int, rt: Runtime) -> tuple[str, bytes]:
-    """Compress with one compressor, or with each (auto) keeping the smallest; logs each candidate."""
+def compress_chunk(job: tuple[str, int, bytes]) -> bytes:
+    name, level, data = job
+    return compressor(name)[0](data, level)
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def compress_chunks(chunks: list[bytes], name: str, level: int, workers: int, cache: dict) -> tuple[list[bytes], int]:
+    """Each chunk compressed on its own, in a pool of forked processes; chunks already in cache (keyed
+    by content) are reused. Returns the compressed chunks and how many were compressed now."""
+    keys = [(name, level, hashlib.sha256(c).digest()) for c in chunks]
+    todo = {k: (name, level, c) for k, c in zip(keys, chunks) if k not in cache}
+    workers = min(len(todo), workers or usable_cpus())
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            done = list(pool.map(compress_chunk, todo.values()))
+    else:
+        done = [compress_chunk(job) for job in todo.values()]
+    cache.update(zip(todo, done))
+    return [cache[k] for k in keys], len(todo)
+
+
+def frame_chunks(chunks: list[bytes]) -> bytes:
+    """Chunk table (u32 count, u32 length of each) followed by the compressed chunks."""
+    return struct.pack(f"<I{len(chunks)}I", len(chunks), *map(len, chunks)) + b"".join(chunks)
+
+
+def unframe_chunks(data: bytes) -> list[bytes]:
+    (n,) = struct.unpack_from("<I", data)
+    lengths = struct.unpack_from(f"<{n}I", data, 4)
+    pos = 4 + 4 * n
+    if pos + sum(lengths) != len(data):
+        raise ValueError(f"chunk table promises {pos + sum(lengths)} bytes, payload has {len(data)}")
+    return [data[p:p + k] for p, k in zip(itertools.accumulate(lengths, initial=pos), lengths)]
+
+
+def artifact_file_bytes(comp_name: str, data: bytes) -> int:
+    return len(ARTIFACT_MAGIC) + 3 + len(comp_name) + 40 + len(data)
+
+
+def compression_candidates(args: Hyperparameters) -> list[tuple[str, int]]:
+    """(compressor, level) pairs to try: COMPRESSOR, or all of them for auto."""
+    names = ("zstd", "brotli", "lzma") if args.compressor == "auto" else (args.compressor,)
+    return [(n, DEFAULT_LEVELS[n] if args.compression_level < 0 else min(args.compression_level, MAX_LEVELS[n])) for n in names]
+
+
+def compress_payload(chunks: list[bytes], args: Hyperparameters, rt: Runtime, cache: dict) -> tuple[str, bytes]:
+    """Compressed, framed chunks with one compressor, or with each (auto) keeping the smallest; logs each candidate."""
     best = None
-    for cand in (("zstd", "brotli", "lzma") if name == "auto" else (name,)):
+    for cand, lvl in compression_candidates(args):
         t0 = time.perf_counter()
-        lvl = MAX_LEVELS[cand] if level < 0 else min(level, MAX_LEVELS[cand])
-        data = compressor(cand)[0](raw, lvl)
-        rt.log(f"compress candidate:{cand} level:{lvl} bytes:{len(data)} seconds:{time.perf_counter() - t0:.2f}")
+        out, fresh = compress_chunks(chunks, cand, lvl, args.compress_workers, cache)
+        data = frame_chunks(out)
+        rt.log(f"compress candidate:{cand} level:{lvl} bytes:{len(data)} chunks:{len(out)} new:{fresh} "
+               f"seconds:{time.perf_counter() - t0:.2f}")
         if best is None or len(data) < len(best[1]):
             best = (cand, data)
     return best
@@ -1573,7 +1699,8 @@ def read_artifact(path: str) -> tuple[dict, dict]:
         raise ValueError(f"{path}: checksum mismatch, the artifact is corrupt")
     if comp_name not in COMPRESSOR_PACKAGES:
         raise ValueError(f"{path}: unknown compressor {comp_name!r} in artifact header")
-    meta, state = deserialize_state(compressor(comp_name)[1](data))
+    decompress = compressor(comp_name)[1]
+    meta, state = deserialize_state(b"".join(decompress(c) for c in unframe_chunks(data)))
     return dict(meta, compressor=comp_name), state
 
 
@@ -2134,43 +2261,111 @@ def calibration_batches(model: GPT, args: Hyperparameters, rt: Runtime, loader: 
     return batches
 
 
+def timed(fn, rt: Runtime) -> float:
+    t0 = time.perf_counter()
+    fn()
+    rt.sync()
+    return time.perf_counter() - t0
+
+
+def predict_export_seconds(model: GPT, args: Hyperparameters, rt: Runtime) -> dict[str, float]:
+    """Calibration, quantization and compression seconds, predicted before training from one timed
+    sample of each scaled by size (their cost does not depend on the weights' values)."""
+    accum = grad_accum_steps(args, rt)
+    seqs = max(1, args.train_batch_tokens // (args.train_seq_len * rt.world_size * accum))
+    g = torch.Generator(device=rt.device).manual_seed(0)  # leaves the global RNG, and so training, untouched
+    x = torch.randint(0, args.vocab_size, (seqs, args.train_seq_len), device=rt.device, generator=g)
+    looping, model.looping = model.looping, args.num_loops > 1
+    collect_hessians(model, [(x, None)], rt)  # warm-up: first calls pay for library initialisation
+    batch_s = timed(lambda: collect_hessians(model, [(x, None)], rt), rt)
+    model.looping = looping
+    if args.gptq_calibration == "selfgen":
+        batch_s *= args.train_seq_len / 2  # one forward per generated token, over half a sequence on average
+    per_rank = -(-args.gptq_calibration_batches // (rt.world_size * accum)) * accum
+    pred = dict(calibration=batch_s * per_rank, quantize=0.0, compress=0.0)
+    if rt.master:
+        shapes, raw_bytes = {}, 0
+        for name, m in quantizable_modules(model):
+            spec = quant_spec(name, m.weight.numel(), args)
+            raw_bytes += m.weight.numel() * (1 if spec else 2)
+            if spec:
+                shapes[tuple(m.weight.shape), spec] = shapes.get((tuple(m.weight.shape), spec), 0) + 1
+        for (shape, (bits, clip)), n in shapes.items():
+            w = torch.randn(shape, device=rt.device, generator=g)
+            H = torch.eye(shape[1], device=rt.device) if args.quant == "gptq" else None
+            pred["quantize"] += n * timed(lambda: quantize_tensor(w, H, bits, clip, args), rt)
+        if args.lqer_rank and shapes:
+            w = torch.randn(max(shapes, key=lambda k: math.prod(k[0]))[0], device=rt.device, generator=g).cpu()
+            qt, _ = quantize_tensor(w, None, 6, 12.0, args)
+            pred["quantize"] += args.lqer_top_k * timed(lambda: lqer_factors(w, qt, args.lqer_rank), rt)
+        sample = np.clip(np.random.default_rng(0).normal(32, 2.6, min(raw_bytes, CHUNK_BYTES)), 1, 63).astype(np.uint8).tobytes()
+        rounds = -(-math.ceil(raw_bytes / CHUNK_BYTES) // (args.compress_workers or usable_cpus()))
+        for cand, lvl in compression_candidates(args):
+            pred["compress"] += rounds * timed(lambda: compress_chunk((cand, lvl, sample)), rt)
+    for k in sorted(pred):
+        pred[k] = rt.all_reduce(torch.tensor(pred[k], device=rt.device), dist.ReduceOp.MAX).item()
+    return pred
+
+
+def resolve_gptq_reserve(model: GPT, args: Hyperparameters, rt: Runtime):
+    """GPTQ_RESERVE_SECONDS=auto: the predicted export time with a 25% + 2 s margin (0 without a cap)."""
+    if args.gptq_reserve_seconds != "auto":
+        return
+    if args.max_wallclock_seconds <= 0:
+        args.gptq_reserve_seconds = 0.0
+        return
+    pred = predict_export_seconds(model, args, rt)
+    args.gptq_reserve_seconds = round(1.25 * sum(pred.values()) + 2.0, 1)
+    rt.log(f"gptq_reserve seconds:{args.gptq_reserve_seconds} source:auto " + " ".join(f"{k}_s:{v:.2f}" for k, v in pred.items()))
+
+
 def bits_to_lower(model: GPT, args: Hyperparameters, errors: dict, override: dict, excess: int) -> list[tuple[str, int, int]]:
     """Tensors whose precision costs least to lower by one bit (Hessian-weighted error added per
-    estimated byte saved), until the estimated saving covers the excess."""
+    estimated byte saved), until the estimated saving covers the excess. Matrices kept in fp16 go
+    to 8 bits first: near-lossless, and the only way under the budget for models of small matrices."""
     cands = []
     for name, m in quantizable_modules(model):
         spec = quant_spec(name, m.weight.numel(), args, override)
-        if spec and spec[0] > 2:
+        if spec is None:
+            _, clip = quant_spec(name, m.weight.numel(), args, {name: 8})
+            saved = m.weight.numel() * (2 - estimate_quantized_bits(8, clip) / 8) - 2 * m.weight.size(0)
+            if saved > 0:
+                cands.append((0.0, name, 16, 8, saved))
+        elif spec[0] > 2:
             bits, clip = spec
             saved = m.weight.numel() * (estimate_quantized_bits(bits, clip) - estimate_quantized_bits(bits - 1, clip)) / 8
             # rounding error variance grows ~4x per bit removed
-            cands.append((3 * errors[name + ".weight"] / max(saved, 1.0), name, bits, saved))
+            cands.append((3 * errors[name + ".weight"] / max(saved, 1.0), name, bits, bits - 1, saved))
     chosen, total = [], 0.0
-    for _, name, bits, saved in sorted(cands):
+    for _, name, bits, new, saved in sorted(cands):
         if total >= 1.1 * excess:
             break
-        chosen.append((name, bits, bits - 1))
+        chosen.append((name, bits, new))
         total += saved
     return chosen
 
 
 def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime, hessians: dict, code_bytes: int, path: str) -> str:
     """Quantize, pack, compress and write the artifact (rank 0), lowering bits where it costs least
-    until code + model fit ARTIFACT_BUDGET. Returns the compressor used."""
-    override = {}
+    until code + model fit ARTIFACT_BUDGET (or, when nothing is left to lower, logging the smallest
+    size reachable). Quantized tensors and compressed chunks are cached, so a refit redoes only the
+    tensors it lowers. Returns the compressor used."""
+    override, qcache, ccache = {}, {}, {}
     meta = dict(config=args.model_config(), looping=model.looping)
-    for attempt in range(8):
-        t0 = time.perf_counter()
-        qstate, errors = quantize_model(model, args, hessians, override)
-        rt.log(f"quantize method:{args.quant} tensors:{len(errors)} lqer:{min(args.lqer_top_k, len(errors)) if args.lqer_rank else 0} "
-               f"seconds:{time.perf_counter() - t0:.2f}")
-        raw = serialize_state(qstate, dict(meta, bits={k: v.bits for k, v in qstate.items() if isinstance(v, QTensor)}), args.pack_bits)
-        comp, data = compress_payload(raw, args.compressor, args.compression_level, rt)
-        total = code_bytes + len(data) + 51 + len(comp)
+    while True:
+        t0, done = time.perf_counter(), sum(len(k) == 2 for k in qcache)
+        qstate, errors = quantize_model(model, args, hessians, override, qcache)
+        rt.log(f"quantize method:{args.quant} tensors:{len(errors)} new:{sum(len(k) == 2 for k in qcache) - done} "
+               f"lqer:{min(args.lqer_top_k, len(errors)) if args.lqer_rank else 0} seconds:{time.perf_counter() - t0:.2f}")
+        bits = {k: v.bits for k, v in qstate.items() if isinstance(v, QTensor)}
+        chunks = serialize_chunks(qstate, dict(meta, bits=bits), args.pack_bits)
+        comp, data = compress_payload(chunks, args, rt, ccache)
+        total = code_bytes + artifact_file_bytes(comp, data)
         if total <= args.artifact_budget:
             break
         lower = bits_to_lower(model, args, errors, override, total - args.artifact_budget)
-        if not lower:
+        if not lower:  # every matrix at 2 bits: write it; the run then fails as over budget
+            rt.log(f"error: artifact_budget_unreachable limit:{args.artifact_budget} smallest_reachable:{total}")
             break
         for name, old, new in lower:
             override[name] = new
@@ -2253,6 +2448,7 @@ def run(args: Hyperparameters, rt: Runtime):
         rt.log(f"model_params:{sum(p.numel() for p in model.parameters())} est_artifact_bytes:{est}")
         if est > args.artifact_budget:
             rt.log(f"warning: estimated artifact {est} bytes exceeds ARTIFACT_BUDGET={args.artifact_budget}; export will lower bits")
+        resolve_gptq_reserve(model, args, rt)
         val_tokens = load_validation_tokens(args.data_path, args.vocab_size) if args.val_loss_every else None
         stats = train(model, args, rt, val_tokens, luts)
         t0 = time.perf_counter()
@@ -2268,9 +2464,12 @@ def run(args: Hyperparameters, rt: Runtime):
         rt.barrier()
         export_s = time.perf_counter() - t0
         train_ms = stats["train_ms"] + 1000 * export_s
-        if export_s > args.gptq_reserve_seconds:
-            rt.log(f"warning: calibration+export took {export_s:.1f}s, more than GPTQ_RESERVE_SECONDS={args.gptq_reserve_seconds}")
-        rt.log(f"train_total steps:{stats['steps']} train_ms:{stats['train_ms']:.0f} export_ms:{1000 * export_s:.0f} total_ms:{train_ms:.0f}")
+        cap_ms = 1000 * args.max_wallclock_seconds
+        rt.log(f"train_total steps:{stats['steps']} train_ms:{stats['train_ms']:.0f} export_ms:{1000 * export_s:.0f} "
+               f"total_ms:{train_ms:.0f} cap_ms:{cap_ms:.0f} reserve_ms:{1000 * args.gptq_reserve_seconds:.0f}")
+        if 0 < cap_ms < train_ms:
+            rt.log(f"error: training_clock_over_cap total_ms:{train_ms:.0f} cap_ms:{cap_ms:.0f} "
+                   f"export_ms:{1000 * export_s:.0f} reserve_ms:{1000 * args.gptq_reserve_seconds:.0f}")
         eval_t0 = time.perf_counter()
         val_tokens = val_tokens if val_tokens is not None else load_validation_tokens(args.data_path, args.vocab_size)
         rt.log(evaluate(model, val_tokens, luts, args, rt, args.eval_seq_len, "prequant").line("final_prequant"))

@@ -9,6 +9,11 @@ symbol histogram and compresses the rest of the payload with the best generic co
 
     python bench/export_matrix.py --seconds 240            # english corpus, record preset
     python bench/export_matrix.py --data tiny --seconds 20 # smoke run
+    python bench/export_matrix.py --record-payload         # compression options at the record size
+
+--record-payload skips training: it quantizes the default 11L/d512/sp8192 model with random weights
+shaped like trained ones (record_shape_model) and times each compression option on that ~36 MB
+payload, then compares the pre-flight estimate with the real artifact size.
 
 Appends one table per run to bench/RESULTS.md (--results).
 """
@@ -17,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -68,11 +75,11 @@ def rans_bytes(qstate: dict, args) -> tuple[int, float, float] | None:
         dec_s += time.perf_counter() - t0
         assert np.array_equal(decoded, sym), name
         total += data.nbytes + 4 * counts.size
-        rest[name + ".scale"] = t.scale
+        rest[name + ".scale"] = t.scale.half()
         if t.lqer is not None:
             for i, f in enumerate(t.lqer):
                 rest[f"{name}.lqer{i}"] = f
-    raw = tg.serialize_state(rest, {}, False)
+    raw = b"".join(tg.serialize_chunks(rest, {}, False))
     total += min(len(tg.compressor(c)[0](raw, tg.MAX_LEVELS[c])) for c in GENERIC)
     return total, enc_s, dec_s
 
@@ -85,13 +92,101 @@ def roundtrip_bpb(raw: bytes, args, rt, val_tokens, luts) -> float:
     return tg.evaluate(model, val_tokens, luts, args, rt, args.eval_seq_len).val_bpb
 
 
+def record_shape_model(args):
+    """The default record-shape model with random weights shaped like trained ones: zero-initialised
+    projections get the orthogonal init of the others, and the small fp16 tensors (norm scales,
+    gains) get noise, since constant ones would compress to nothing."""
+    torch.manual_seed(0)
+    model = tg.GPT(args)
+    with torch.no_grad():
+        for _, m in tg.quantizable_modules(model):
+            if getattr(m, "zero_init", False):
+                torch.nn.init.orthogonal_(m.weight)
+        for p in model.parameters():
+            if p.numel() < args.keep_float_numel:
+                p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def compression_options():
+    """label -> (compress one buffer, decompress one buffer, chunked?)."""
+    import brotli
+    import zstandard as zs
+    tuned = zs.ZstdCompressionParameters.from_level(19, strategy=zs.STRATEGY_BTULTRA2, window_log=17, search_log=1, min_match=7)
+    zd = lambda b: zs.ZstdDecompressor().decompress(b)
+    return {
+        "brotli-11, one stream (reference)": (lambda b: brotli.compress(b, quality=11), brotli.decompress, False),
+        "zstd-22, one stream": (lambda b: zs.ZstdCompressor(level=22).compress(b), zd, False),
+        "brotli-11 lgwin 18, chunks": (lambda b: brotli.compress(b, quality=11, lgwin=18), brotli.decompress, True),
+        "brotli-10 lgwin 18, chunks (default)": (lambda b: brotli.compress(b, quality=10, lgwin=18), brotli.decompress, True),
+        "brotli-10 lgwin 16, chunks": (lambda b: brotli.compress(b, quality=10, lgwin=16), brotli.decompress, True),
+        "zstd-22, chunks": (lambda b: zs.ZstdCompressor(level=22).compress(b), zd, True),
+        "zstd btultra2 windowLog 17 searchLog 1 minMatch 7, chunks": (lambda b: zs.ZstdCompressor(compression_params=tuned).compress(b), zd, True),
+    }
+
+
+def record_payload(opts) -> int:
+    args = tg.Hyperparameters({"QUANT": "rtn"})
+    model = record_shape_model(args)
+    sys.path.insert(0, str(REPO / "tools"))
+    import pack_code
+    code_bytes = len(pack_code.pack((REPO / "train_gpt.py").read_text())[0].encode())
+    qstate, _ = tg.quantize_model(model, args, {})
+    bits = {k: v.bits for k, v in qstate.items() if isinstance(v, tg.QTensor)}
+    chunks = tg.serialize_chunks(qstate, dict(config=args.model_config(), looping=False, bits=bits), False)
+    raw = b"".join(chunks)
+    rows, ref = [], None
+    for label, (enc, dec, chunked) in compression_options().items() if opts.options else ():
+        parts = chunks if chunked else [raw]
+        t0 = time.process_time()
+        out = [enc(c) for c in parts]
+        comp_s = time.process_time() - t0
+        t0 = time.process_time()
+        assert b"".join(dec(c) for c in out) == raw
+        dec_s = time.process_time() - t0
+        n = len(tg.frame_chunks(out)) if chunked else len(out[0])
+        ref = ref or n
+        rows.append([label, f"{n:,}", f"{100 * (n / ref - 1):+.3f}%", f"{comp_s:.1f}", f"{dec_s:.2f}"])
+        print(" | ".join(rows[-1]), flush=True)
+    t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
+    pooled, _ = tg.compress_chunks(chunks, "brotli", 10, 2, {})
+    pool_wall = time.perf_counter() - t0
+    pool_cpu = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime - c0
+    load = os.getloadavg()[0]
+    est = tg.estimate_artifact_bytes(model, args, code_bytes)
+    actual = code_bytes + tg.artifact_file_bytes("brotli", tg.frame_chunks(pooled))
+    header = ["option", "bytes", "vs reference", "compress CPU s", "decompress CPU s"]
+    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    section = [
+        "", f"### Compression at the record size (`bench/export_matrix.py --record-payload`), {stamp} UTC, commit {git_commit()}, {cpu_machine()}", "",
+        f"Payload: the default 11L/d512/sp8192 model ({sum(p.numel() for p in model.parameters()):,} parameters) "
+        f"with random weights shaped like trained ones (`record_shape_model`), through the real quantizer (RTN, "
+        f"default bits and clips, int4 LQER): {len(raw):,} bytes serialized in {len(chunks)} chunks. CPU seconds "
+        "are one core's; chunks compress in parallel, one process per core.", "", *(table + [""] if rows else []),
+        f"Default (brotli-10, 256 KiB window, chunks) in a pool of 2 processes: {pool_wall:.1f} s wall, "
+        f"{pool_cpu:.1f} CPU s in the workers, with load average {load:.1f} from other jobs on the 2 cores.", "",
+        f"Pre-flight estimate vs real artifact at these defaults, code counted as the packed file ({code_bytes:,} bytes): "
+        f"est_artifact_bytes {est:,}, real {actual:,} ({100 * (est / actual - 1):+.3f}%).",
+    ]
+    with open(opts.results, "a", encoding="utf-8") as f:
+        f.write("\n".join(section) + "\n")
+    print("\n".join(section))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=240, help="training wallclock (default 240)")
     ap.add_argument("--data", choices=("english", "tiny"), default="english")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="record")
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "RESULTS.md")
+    ap.add_argument("--record-payload", action="store_true", help="only the compression table at the record size (no training)")
+    ap.add_argument("--no-options", dest="options", action="store_false",
+                    help="with --record-payload: only the default export and the estimate check, no option table")
     opts = ap.parse_args(argv)
+    if opts.record_payload:
+        return record_payload(opts)
 
     env = {k: str(v) for k, v in PRESETS[opts.preset].items()}
     env.update({k: str(v) for k, v in (english_data(200, 5_000_000) if opts.data == "english" else tiny_data()).items()})
@@ -116,11 +211,11 @@ def main(argv=None) -> int:
         qstate, _ = tg.quantize_model(model, vargs, hessians)
         quant_s = time.perf_counter() - t0
         meta = dict(config=vargs.model_config(), looping=model.looping)
-        raw = tg.serialize_state(qstate, meta, False)
+        raw = b"".join(tg.serialize_chunks(qstate, meta, False))
         bpb = roundtrip_bpb(raw, vargs, rt, val_tokens, luts)
         cells = []
         for comp, packed in [(c, False) for c in GENERIC] + [("brotli", True)]:
-            raw = tg.serialize_state(qstate, meta, packed)
+            raw = b"".join(tg.serialize_chunks(qstate, meta, packed))
             enc, dec = tg.compressor(comp)
             t0 = time.perf_counter()
             data = enc(raw, tg.MAX_LEVELS[comp])

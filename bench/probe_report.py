@@ -137,7 +137,8 @@ def report(text: str, full_val_tokens: int) -> tuple[str, dict]:
     # --- extrapolation to the 8-GPU, 600 s record run
     out.append(f"# extrapolation to {TARGET_GPUS} GPUs, {BUDGET_S:.0f} s; assumes the per-GPU step time measured here "
                "is unchanged at 8 GPUs (same per-GPU batch) and ignores all-reduce overhead")
-    reserve = float(cfg.get("GPTQ_RESERVE_SECONDS") or 0)
+    # GPTQ_RESERVE_SECONDS=auto is resolved at run time and logged on the gptq_reserve line
+    reserve = _num(ev.get("gptq_reserve", {}).get("seconds")) or _num(cfg.get("GPTQ_RESERVE_SECONDS")) or 0.0
     put("extrapolated_steps_8gpu_600s",
         int((BUDGET_S - reserve) * 1000 / steady) if steady else None,
         f"({BUDGET_S:.0f} - GPTQ_RESERVE_SECONDS {reserve:g}) s / steady_ms_per_step")
