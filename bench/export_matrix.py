@@ -128,7 +128,6 @@ def compression_options():
 def record_payload(opts) -> int:
     args = tg.Hyperparameters({"QUANT": "rtn"})
     model = record_shape_model(args)
-    sys.path.insert(0, str(REPO / "tools"))
     import pack_code
     code_bytes = len(pack_code.pack((REPO / "train_gpt.py").read_text())[0].encode())
     qstate, _ = tg.quantize_model(model, args, {})

@@ -117,12 +117,14 @@ def run_train(env, cwd, nproc=1, script=SCRIPT, check=True, timeout=600):
 def log_value(log, label, key):
     """The value of key on the (last) label line of a log, as tools/logparse.py reads it: numbers as
     int/float, names as text. label: an eval label, an event (code, artifact, final_result, ...), "config",
-    "step" (the last training step line) or the first key of a key:value line (peak_mem_mib)."""
+    "step" (the last training step line), "error: <name>" or the first key of a key:value line (peak_mem_mib)."""
     run = logparse.parse_text(log)
     lines = {"final_result": run.final, "config": run.config, "stopping_early": run.stopping_early,
              "step": run.train_steps[-1] if run.train_steps else None,
              **{name: getattr(run, name) for name in ("code", "launch", "env", "artifact", "train_total", "eval_time")}}
-    line = run.evals.get(label) or lines.get(label) or run.events.get(label) or (run.misc if label in run.misc else None)
+    errors = [logparse._pairs(e.split()[2:]) for e in run.errors if e.split()[:2] == label.split()]
+    line = (run.evals.get(label) or lines.get(label) or run.events.get(label) or (run.misc if label in run.misc else None)
+            or (errors[-1] if errors else None))
     assert line, f"no '{label}' line in log"
     assert key in line, f"no {key} on the '{label}' line: {line}"
     return line[key]

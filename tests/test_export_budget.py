@@ -4,19 +4,15 @@ record-shape default config fitting 16 MB without a refit."""
 
 import os
 import struct
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 import train_gpt as tg
+import pack_code
 from conftest import ROOT, log_value, make_args, run_train
-
-sys.path.insert(0, str(ROOT / "tools"))
-sys.path.insert(0, str(ROOT / "bench"))
-import pack_code  # noqa: E402
-from export_matrix import record_shape_model  # noqa: E402
+from export_matrix import record_shape_model
 
 
 def rt_logging_to(path):

@@ -144,7 +144,7 @@ def test_training_loop_reads_no_tensor_per_step(tmp_path, monkeypatch):
     reads = []  # .item() calls made by train_gpt.py itself (CPU AdamW reads its step counters too)
     real = torch.Tensor.item
     monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(sys._getframe(1).f_code.co_filename) or real(self))
-    args = make_args(ITERATIONS=6, TRAIN_LOG_EVERY=100, MAX_WALLCLOCK_SECONDS=3600)
+    args = make_args(ITERATIONS=6, TRAIN_LOG_EVERY=100, MAX_WALLCLOCK_SECONDS=3600, GPTQ_RESERVE_SECONDS=0)
     rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False, False, str(tmp_path / "log.txt"))
     stats = tg.train(tg.GPT(args), args, rt, None, None)
     assert stats["steps"] == 6
