@@ -12,6 +12,11 @@ documents are concatenated in input order. The first --val-docs documents form t
 split, the rest the training split. A split longer than --shard-tokens continues in the next file
 (a document may straddle two files, as in the official export).
 
+--caseops (with a CaseOps tokenizer) tokenizes each document's CaseOps transform (data/caseops.py)
+and writes, beside each validation shard, fineweb_val_bytes_NNNNNN.bin: the same header with magic
+20240522 and one uint16 per token, the bytes of the original (normalized) text that token stands
+for (0 for BOS and for case operators). train_gpt.py sums these instead of its byte LUTs.
+
 Example:
   python data/convert_text.py corpus.jsonl --tokenizer data/tokenizers/fineweb_1024_bpe.model \\
       --out data/datasets/mine_sp1024 --val-docs 1000
@@ -31,6 +36,7 @@ import numpy as np
 # ----------------------------------------------------------------------------- shard format
 
 SHARD_MAGIC = 20240520
+VAL_BYTES_MAGIC = 20240522  # CaseOps byte sidecar: same layout, own magic so it is never read as tokens
 SHARD_VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -39,7 +45,7 @@ DEFAULT_SHARD_TOKENS = 100_000_000  # size of the official shards
 ENCODE_BATCH_DOCS = 256
 
 
-def write_shard(path: str | Path, tokens: Iterable[int] | np.ndarray) -> None:
+def write_shard(path: str | Path, tokens: Iterable[int] | np.ndarray, magic: int = SHARD_MAGIC) -> None:
     """Write one official-format shard; refuses ids that do not fit uint16."""
     arr = np.asarray(tokens, dtype=np.int64).reshape(-1)
     if arr.size and (arr.min() < 0 or arr.max() > MAX_TOKEN_ID):
@@ -48,7 +54,7 @@ def write_shard(path: str | Path, tokens: Iterable[int] | np.ndarray) -> None:
     if arr.size > np.iinfo(np.int32).max:
         raise ValueError(f"{arr.size} tokens do not fit the int32 header count")
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, arr.size
+    header[0], header[1], header[2] = magic, SHARD_VERSION, arr.size
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
@@ -56,11 +62,11 @@ def write_shard(path: str | Path, tokens: Iterable[int] | np.ndarray) -> None:
         f.write(arr.astype("<u2").tobytes())
 
 
-def shard_token_count(path: str | Path) -> int:
+def shard_token_count(path: str | Path, magic: int = SHARD_MAGIC) -> int:
     """Token count from a shard's header, after checking magic, version and file size."""
     path = Path(path)
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    if header.size != HEADER_INTS or int(header[0]) != SHARD_MAGIC or int(header[1]) != SHARD_VERSION:
+    if header.size != HEADER_INTS or int(header[0]) != magic or int(header[1]) != SHARD_VERSION:
         raise ValueError(f"{path}: not an official shard (bad header)")
     count = int(header[2])
     expected = HEADER_BYTES + 2 * count
@@ -69,9 +75,9 @@ def shard_token_count(path: str | Path) -> int:
     return count
 
 
-def read_shard(path: str | Path) -> np.ndarray:
+def read_shard(path: str | Path, magic: int = SHARD_MAGIC) -> np.ndarray:
     """Read one shard's tokens (uint16), validating it first."""
-    count = shard_token_count(path)
+    count = shard_token_count(path, magic)
     return np.fromfile(path, dtype="<u2", count=count, offset=HEADER_BYTES)
 
 
@@ -125,8 +131,8 @@ def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
 class _SplitWriter:
     """Accumulates one split's tokens and writes fineweb_<split>_NNNNNN.bin every shard_tokens."""
 
-    def __init__(self, out_dir: Path, split: str, shard_tokens: int):
-        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int, magic: int = SHARD_MAGIC):
+        self.out_dir, self.split, self.shard_tokens, self.magic = out_dir, split, shard_tokens, magic
         self.pending: list[np.ndarray] = []
         self.pending_len = 0
         self.paths: list[str] = []
@@ -151,7 +157,7 @@ class _SplitWriter:
 
     def _write(self, tokens: np.ndarray) -> None:
         path = self.out_dir / f"fineweb_{self.split}_{len(self.paths):06d}.bin"
-        write_shard(path, tokens)
+        write_shard(path, tokens, self.magic)
         self.paths.append(str(path))
 
 
@@ -163,12 +169,14 @@ def write_shards(
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     max_docs: int | None = None,
     max_train_tokens: int | None = None,
+    caseops: bool = False,
 ) -> dict:
     """Tokenize texts into official shards in out_dir and return a summary dict.
 
     The first val_docs documents go to validation. max_docs caps the documents read; max_train_tokens
     caps the training split at whole documents (stops before the first document that would exceed
     it). Existing fineweb_*.bin files in out_dir are removed first so splits never mix runs.
+    caseops: tokenize the CaseOps transform and write the validation byte sidecar (module doc).
     """
     import sentencepiece as spm
 
@@ -184,6 +192,7 @@ def write_shards(
     if bos < 0:
         raise ValueError(f"{tokenizer_path} has no BOS id; official shards start every document with BOS")
 
+    encode_batch = _caseops_encoder(sp, tokenizer_path, caseops)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in list(out_dir.glob("fineweb_train_*.bin")) + list(out_dir.glob("fineweb_val_*.bin")):
@@ -191,17 +200,20 @@ def write_shards(
 
     val = _SplitWriter(out_dir, "val", shard_tokens)
     train = _SplitWriter(out_dir, "train", shard_tokens)
+    val_bytes = _SplitWriter(out_dir, "val_bytes", shard_tokens, VAL_BYTES_MAGIC)
     docs_seen = 0
     train_full = False
     if max_docs is not None:
         texts = itertools.islice(texts, max_docs)
     for batch in _batches(texts, ENCODE_BATCH_DOCS):
-        for ids in sp.encode(batch, out_type=int):
+        for ids, costs in encode_batch(batch):
             doc = np.empty(len(ids) + 1, dtype=np.int32)
             doc[0] = bos
             doc[1:] = ids
             if docs_seen < val_docs:
                 val.add(doc)
+                if caseops:
+                    val_bytes.add(np.concatenate([[0], costs]))
             elif max_train_tokens is not None and train.tokens + doc.size > max_train_tokens:
                 train_full = True
                 break
@@ -212,12 +224,13 @@ def write_shards(
             break
     val.close()
     train.close()
+    val_bytes.close()
     if val.docs < val_docs or train.docs == 0:
         raise ValueError(
             f"not enough documents: {val.docs} val (wanted {val_docs}) and {train.docs} train; "
             "train_gpt.py needs both splits non-empty"
         )
-    return {
+    summary = {
         "tokenizer": str(tokenizer_path),
         "vocab_size": vocab_size,
         "out_dir": str(out_dir),
@@ -228,6 +241,24 @@ def write_shards(
         "files_val": val.paths,
         "files_train": train.paths,
     }
+    if caseops:
+        bytes_val = sum(int(read_shard(f, VAL_BYTES_MAGIC).sum()) for f in val_bytes.paths)
+        summary.update(caseops=True, bytes_val=bytes_val, files_val_bytes=val_bytes.paths)
+    return summary
+
+
+def _caseops_encoder(sp, tokenizer_path, caseops: bool):
+    """The per-batch encode step: (ids, None) per document, or with --caseops (ids, byte costs)
+    of its CaseOps transform. A CaseOps tokenizer without --caseops, or the reverse, is refused."""
+    import caseops as co
+
+    if co.is_caseops_tokenizer(sp) != caseops:
+        raise ValueError(f"{tokenizer_path}: " + ("not a CaseOps tokenizer (no operator pieces U+E001..U+E004)" if caseops
+                                                 else "a CaseOps tokenizer expects CaseOps text; pass --caseops"))
+    if not caseops:
+        return lambda batch: ((ids, None) for ids in sp.encode(batch, out_type=int))
+    table = co.piece_bytes(sp)
+    return lambda batch: (co.encode_document(sp, table, text) for text in batch)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -243,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-docs", type=int, default=None, help="read at most this many documents")
     p.add_argument("--max-train-tokens", type=int, default=None,
                    help="cap the training split (whole documents only)")
+    p.add_argument("--caseops", action="store_true",
+                   help="encode the CaseOps transform (needs a CaseOps tokenizer) and write fineweb_val_bytes_*.bin")
     return p
 
 
@@ -250,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = write_shards(iter_texts(args.inputs), args.tokenizer, args.out, args.val_docs,
-                               args.shard_tokens, args.max_docs, args.max_train_tokens)
+                               args.shard_tokens, args.max_docs, args.max_train_tokens, args.caseops)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
