@@ -1992,6 +1992,15 @@ def peak_memory_mib(rt: Runtime) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def check_artifact_accounting(meta: dict, args: Hyperparameters, path: str) -> None:
+    """A CaseOps model scored with LUT bytes, or a plain one with sidecar bytes, is an error
+    (artifacts from before the key existed were plain)."""
+    trained = meta.get("byte_accounting", "luts")
+    if trained != args.byte_accounting:
+        raise ConfigError(f"{path} was trained with byte_accounting:{trained}; scoring it with "
+                          f"byte_accounting:{args.byte_accounting} (TOKENIZER_PATH, DATA_PATH) would give a wrong val_bpb")
+
+
 def adopt_artifact_config(args: Hyperparameters, meta: dict) -> None:
     """EVAL_ONLY: the model shape comes from the artifact; env vars that disagree are an error."""
     cfg = meta["config"]
@@ -2055,9 +2064,7 @@ def main():
         del model
     t0 = time.perf_counter()
     meta, state = read_artifact(path)
-    if meta.get("byte_accounting", "luts") != args.byte_accounting:
-        raise ConfigError(f"{path} was trained with byte_accounting:{meta.get('byte_accounting', 'luts')}; "
-                          f"scoring it with {args.byte_accounting} bytes would be wrong")
+    check_artifact_accounting(meta, args, path)
     if args.eval_only:
         adopt_artifact_config(args, meta)
     model = model_from_artifact(meta, state, args, rt, backend)

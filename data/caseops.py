@@ -178,7 +178,7 @@ def token_original_bytes(encoded: str, costs: np.ndarray, pieces: list[bytes]) -
     last = np.cumsum(lengths) - 1
     changed = costs != lengths
     per_byte[last[changed]] = costs[changed]
-    ends = np.cumsum([len(p) for p in pieces])
+    ends = np.cumsum([len(p) for p in pieces], dtype=np.int64)
     cum = np.concatenate([[0], np.cumsum(per_byte)])
     return np.diff(np.concatenate([[0], cum[ends]])).astype(np.int64)
 
@@ -209,8 +209,13 @@ def encode_document(sp, table: list[bytes], text: str) -> tuple[list[int], np.nd
     the costs sum to exactly what the byte LUTs of a plain tokenizer with the same normalizer count."""
     normalized = sp.normalize(text).replace("\u2581", " ")
     encoded, costs = encode_with_costs(normalized)
+    # The normalizer is not idempotent on a few sequences ('A' + U+0344 composes to 'Ä' only on a
+    # second pass), and the tokens spell the encoded text normalized again: carry each character's
+    # cost onto what it became, so every original byte is counted once.
+    renormalized, offsets = sp.normalize(encoded, with_offsets=True)
+    costs = np.diff(np.concatenate([[0], np.cumsum(costs)])[offsets])
     ids = sp.encode(encoded, out_type=int)
-    return ids, token_original_bytes(encoded, costs, [table[i] for i in ids])
+    return ids, token_original_bytes(renormalized.replace("\u2581", " "), costs, [table[i] for i in ids])
 
 
 def main(argv: list[str] | None = None) -> int:
