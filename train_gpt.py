@@ -58,7 +58,7 @@ KNOBS = [
     # run and data
     K("DATA_PATH", "./data/datasets/fineweb10B_sp8192", str, "directory with fineweb_{train,val}_*.bin shards"),
     K("TOKENIZER_PATH", "./data/tokenizers/fineweb_8192_bpe.model", str, "SentencePiece model used for the byte LUTs"),
-    K("CASEOPS", "auto", ("auto", "0", "1"), "val bytes from the fineweb_val_bytes_* sidecar (auto: when the tokenizer is CaseOps)"),
+    K("CASEOPS", "auto", ("auto", "0", "1"), "val bytes from the fineweb_val_bytes_* sidecar (auto: iff the tokenizer is CaseOps; 0/1 also assert it)"),
     K("VOCAB_SIZE", 8192, int, "vocabulary size; must equal the tokenizer's", 2),
     K("RUN_ID", "", str, "log/artifact name (default: a fresh uuid)"),
     K("SEED", 1337, int, "random seed (model init and data order are fixed by it)"),
