@@ -33,7 +33,9 @@ from torch import Tensor, nn
 
 BOS_ID = 1
 SHARD_MAGIC = 20240520
+VAL_BYTES_MAGIC = 20240522  # data/convert_text.py --caseops sidecars; published ones reuse SHARD_MAGIC
 SHARD_VERSION = 1
+CASEOPS_OPERATORS = "\ue001\ue002\ue003\ue004"  # TITLE, ALLCAPS, CAPNEXT, ESC pieces of a CaseOps tokenizer
 SHARD_HEADER_INTS = 256
 # Written beside the shards by data/convert_text.py and data/download_fineweb.py: the sha256 of the
 # tokenizer that made them. Official shards (fineweb10B_*) without one need an official tokenizer.
@@ -69,6 +71,7 @@ KNOBS = [
     # run and data
     K("DATA_PATH", "./data/datasets/fineweb10B_sp8192", str, "directory with fineweb_{train,val}_*.bin shards"),
     K("TOKENIZER_PATH", "./data/tokenizers/fineweb_8192_bpe.model", str, "SentencePiece model used for the byte LUTs"),
+    K("CASEOPS", "auto", ("auto", "0", "1"), "val bytes from the fineweb_val_bytes_* sidecar (auto: iff the tokenizer is CaseOps; 0/1 also assert it)"),
     K("VOCAB_SIZE", 8192, int, "vocabulary size; must equal the tokenizer's", 2),
     K("RUN_ID", "", str, "log/artifact name (default: a fresh uuid)"),
     K("SEED", 1337, int, "random seed (model init and data order are fixed by it)"),
@@ -318,6 +321,7 @@ class Hyperparameters:
     def resolve(self):
         """Derived values, then the consistency checks."""
         self.ve_layer_ids = self.parse_layer_list("VE_LAYERS", self.ve_layers) if self.ve_dim else []
+        self.byte_accounting = "luts"  # main() resolves it against the tokenizer and DATA_PATH
         self.check()
 
     def parse_layer_list(self, name: str, raw: str) -> list[int]:
@@ -510,14 +514,14 @@ def log_run_header(rt: Runtime, args: Hyperparameters):
 # -----------------------------------------------------------------------------
 
 
-def shard_token_count(path: str) -> int:
+def shard_token_count(path: str, magics: tuple[int, ...] = (SHARD_MAGIC,)) -> int:
     """Validate an official shard's header and length; return its token count."""
     size = os.path.getsize(path)
     if size < SHARD_HEADER_INTS * 4:
         raise ValueError(f"{path}: truncated shard ({size} bytes, smaller than the {SHARD_HEADER_INTS * 4}-byte header)")
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
-    if header[0] != SHARD_MAGIC:
-        raise ValueError(f"{path}: bad shard header magic {header[0]} (expected {SHARD_MAGIC})")
+    if header[0] not in magics:
+        raise ValueError(f"{path}: bad shard header magic {header[0]} (expected {' or '.join(map(str, magics))})")
     if header[1] != SHARD_VERSION:
         raise ValueError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
     count = int(header[2])
@@ -536,7 +540,7 @@ def load_shard(path: str, vocab_size: int) -> np.ndarray:
 
 
 def shard_files(data_path: str, split: str) -> list[str]:
-    pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
+    pattern = os.path.join(data_path, f"fineweb_{split}_[0-9]*.bin")  # not the fineweb_val_bytes_* sidecar
     files = sorted(glob.glob(pattern))
     if not files:
         raise FileNotFoundError(f"no {split} shards match {pattern} (set DATA_PATH)")
@@ -694,6 +698,42 @@ def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int) -> tuple[Te
 def target_bytes(prev: Tensor, tgt: Tensor, luts: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     base, space, boundary = luts
     return base[tgt] + (space[tgt] & ~boundary[prev]).to(torch.int64)
+
+
+def lut_val_bytes(tokens: Tensor, luts: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """LUT bytes of every target of a token stream, parallel to it (int32; position 0 gets 0)."""
+    return torch.cat([torch.zeros(1, dtype=torch.int64), target_bytes(tokens[:-1], tokens[1:], luts)]).int()
+
+
+def byte_accounting(args: Hyperparameters, sp: spm.SentencePieceProcessor) -> str:
+    """'caseops' (target bytes from the validation sidecar) or 'luts'. A CaseOps tokenizer's pieces
+    are not the original text, so its LUT bytes would be wrong; a sidecar beside plain shards means
+    the shards are not what the tokenizer says. Every mismatch, and a CASEOPS knob that disagrees,
+    is an error rather than a silently wrong val_bpb."""
+    caseops = all(sp.piece_to_id(op) != sp.unk_id() for op in CASEOPS_OPERATORS)
+    sidecar = bool(glob.glob(os.path.join(args.data_path, "fineweb_val_bytes_*.bin")))
+    if args.caseops != "auto" and (args.caseops == "1") != caseops:
+        raise ConfigError(f"CASEOPS={args.caseops} but TOKENIZER_PATH={args.tokenizer_path} is "
+                          f"{'' if caseops else 'not '}a CaseOps tokenizer")
+    if sidecar != caseops:
+        raise ConfigError(f"DATA_PATH={args.data_path} {'has' if sidecar else 'lacks'} fineweb_val_bytes_*.bin but "
+                          f"TOKENIZER_PATH={args.tokenizer_path} is {'' if caseops else 'not '}a CaseOps tokenizer")
+    return "caseops" if caseops else "luts"
+
+
+def load_validation(args: Hyperparameters, luts) -> tuple[Tensor, Tensor]:
+    """Validation tokens and, parallel to them, the bytes of each target (position 0 is never one):
+    LUT bytes, or with luts=None the CaseOps sidecar. Every evaluation sums these."""
+    tokens = load_validation_tokens(args.data_path, args.vocab_size)
+    if luts is not None:
+        return tokens, lut_val_bytes(tokens, luts)
+    files = sorted(glob.glob(os.path.join(args.data_path, "fineweb_val_bytes_*.bin")))
+    counts = [np.fromfile(f, dtype="<u2", count=shard_token_count(f, (VAL_BYTES_MAGIC, SHARD_MAGIC)),
+                          offset=SHARD_HEADER_INTS * 4) for f in files]
+    nbytes = torch.from_numpy(np.concatenate(counts).astype(np.int32))
+    if nbytes.numel() != tokens.numel():
+        raise ValueError(f"{len(files)} fineweb_val_bytes_* files hold {nbytes.numel()} entries for {tokens.numel()} validation tokens")
+    return tokens, nbytes
 
 
 # -----------------------------------------------------------------------------
@@ -1701,7 +1741,7 @@ def read_artifact(path: str) -> tuple[dict, dict]:
         raise ValueError(f"{path}: unknown compressor {comp_name!r} in artifact header")
     decompress = compressor(comp_name)[1]
     meta, state = deserialize_state(b"".join(decompress(c) for c in unframe_chunks(data)))
-    return dict(meta, compressor=comp_name), state
+    return dict(meta, compressor=comp_name, sha256=hashlib.sha256(buf).hexdigest()), state
 
 
 # -----------------------------------------------------------------------------
@@ -1751,9 +1791,9 @@ class Evaluator:
     """Scores planned windows in batches split across ranks; sums are float64 and all-reduced, so
     the result does not depend on the world size."""
 
-    def __init__(self, model: GPT, tokens: Tensor, luts, args: Hyperparameters, rt: Runtime):
+    def __init__(self, model: GPT, tokens: Tensor, val_bytes: Tensor, args: Hyperparameters, rt: Runtime):
         self.model, self.tokens, self.args, self.rt = model, tokens, args, rt
-        self.luts = tuple(t.to(rt.device) for t in luts)
+        self.val_bytes = val_bytes.to(rt.device)
         self.nll_fn = torch.compile(model.token_nll) if rt.compile else model.token_nll
         self.totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
 
@@ -1791,11 +1831,12 @@ class Evaluator:
 
     def record(self, windows, x: Tensor, y: Tensor, mask: Tensor, nll: Tensor, token_losses: Tensor | None):
         """Add the masked float64 losses of a batch built by batch(windows) to the totals."""
-        nbytes = target_bytes(x, y, self.luts)
+        starts = torch.tensor([w[0] for w in windows], device=x.device)
+        targets = (starts[:, None] + torch.arange(1, y.size(1) + 1, device=x.device)).clamp_max(self.val_bytes.numel() - 1)
+        nbytes = self.val_bytes[targets]
         self.totals += torch.stack([nll[mask].sum(), mask.sum().double(), nbytes[mask].sum().double()])
         if token_losses is not None:
             rows, cols = mask.nonzero(as_tuple=True)
-            starts = torch.tensor([w[0] for w in windows], device=x.device)
             token_losses[(starts[rows] + cols + 1).cpu()] = nll[rows, cols].cpu()
 
     def result(self, t0: float) -> EvalResult:
@@ -1810,12 +1851,12 @@ def log_progress(rt: Runtime, phase: str, done: int, total: int, t0: float):
     rt.log(f"progress phase:{phase} done:{done} total:{total} elapsed_s:{elapsed:.1f} eta_s:{eta:.1f}")
 
 
-def evaluate(model: GPT, val_tokens: Tensor, luts, args: Hyperparameters, rt: Runtime, stride: int,
+def evaluate(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args: Hyperparameters, rt: Runtime, stride: int,
              label: str = "") -> EvalResult:
     """Standard (stride == EVAL_SEQ_LEN) or sliding-window evaluation of the whole stream."""
     t0 = time.perf_counter()
     model.eval()
-    ev = Evaluator(model, val_tokens, luts, args, rt)
+    ev = Evaluator(model, val_tokens, val_bytes, args, rt)
     seq_len = args.eval_seq_len
     # VAL_BATCH_SIZE (the baseline's knob) sizes standard batches, capped so logits fit in memory
     batch_seqs = max(1, min(args.eval_batch_seqs, args.val_batch_size // (seq_len * rt.world_size)))
@@ -1873,13 +1914,13 @@ def ttt_train_chunk(model: GPT, nll_fn, tokens: Tensor, a: int, b: int, params, 
         opt.step()
 
 
-def evaluate_ttt(model: GPT, val_tokens: Tensor, luts, args: Hyperparameters, rt: Runtime, eval_t0: float,
+def evaluate_ttt(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args: Hyperparameters, rt: Runtime, eval_t0: float,
                  token_losses: Tensor | None = None) -> EvalResult:
     """Score-first TTT: each chunk is scored with the current weights (its losses are final), then
     trained on; the last chunk is never trained on. When the eval budget would be overrun, adapting
     stops and the remaining chunks are only scored."""
     t0 = time.perf_counter()
-    ev = Evaluator(model, val_tokens, luts, args, rt)
+    ev = Evaluator(model, val_tokens, val_bytes, args, rt)
     params = ttt_parameters(model, args)
     nll_fn = torch.compile(model.token_nll) if rt.compile else model.token_nll
     if args.ttt_optimizer == "sgd":
@@ -1928,7 +1969,7 @@ def document_spans(tokens: Tensor) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def evaluate_phased_ttt(model: GPT, val_tokens: Tensor, luts, args: Hyperparameters, rt: Runtime, eval_t0: float,
+def evaluate_phased_ttt(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args: Hyperparameters, rt: Runtime, eval_t0: float,
                         token_losses: Tensor | None = None) -> EvalResult:
     """Document TTT. Each batch row is one document with its own LoRA adapters, reset for every
     batch. Step c scores chunk c of every document in one forward (context: the document's earlier
@@ -1938,7 +1979,7 @@ def evaluate_phased_ttt(model: GPT, val_tokens: Tensor, luts, args: Hyperparamet
     go longest first (less padding) and batches are split across ranks. When the eval budget would
     be overrun, adapting stops and the rest is only scored."""
     t0 = last_log = time.perf_counter()
-    ev = Evaluator(model, val_tokens, luts, args, rt)
+    ev = Evaluator(model, val_tokens, val_bytes, args, rt)
     L, B = args.eval_seq_len, args.phased_ttt_docs_per_batch
     C = min(args.phased_ttt_chunk_tokens, L)
     base = list(model.parameters())
@@ -2184,7 +2225,7 @@ class WallclockStop:
         return bool(flag.item())
 
 
-def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | None, luts) -> dict:
+def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | None, val_bytes: Tensor | None) -> dict:
     accum = grad_accum_steps(args, rt)
     model_fn = torch.compile(model) if rt.compile else model
     prime_compile(model, model_fn, args, rt, TrainLoader(args, rt, accum))
@@ -2202,7 +2243,7 @@ def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | N
         if val_tokens is not None and args.val_loss_every and step > 0 and (last or step % args.val_loss_every == 0):
             rt.sync()
             train_ms += 1000 * (time.perf_counter() - t0)
-            r = evaluate(model, val_tokens, luts, args, rt, args.eval_seq_len)
+            r = evaluate(model, val_tokens, val_bytes, args, rt, args.eval_seq_len)
             rt.log(f"step:{step}/{args.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
                    f"train_time:{train_ms:.0f} step_avg:{train_ms / max(step, 1):.2f}")
             t0 = time.perf_counter()
@@ -2351,7 +2392,7 @@ def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime, hessians: di
     size reachable). Quantized tensors and compressed chunks are cached, so a refit redoes only the
     tensors it lowers. Returns the compressor used."""
     override, qcache, ccache = {}, {}, {}
-    meta = dict(config=args.model_config(), looping=model.looping)
+    meta = dict(config=args.model_config(), looping=model.looping, byte_accounting=args.byte_accounting)
     while True:
         t0, done = time.perf_counter(), sum(len(k) == 2 for k in qcache)
         qstate, errors = quantize_model(model, args, hessians, override, qcache)
@@ -2381,21 +2422,21 @@ def model_from_artifact(meta: dict, state: dict, args: Hyperparameters, rt: Runt
     return model
 
 
-def final_evaluations(model: GPT, val_tokens: Tensor, luts, args: Hyperparameters, rt: Runtime, eval_t0: float) -> tuple[str, EvalResult]:
+def final_evaluations(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args: Hyperparameters, rt: Runtime, eval_t0: float) -> tuple[str, EvalResult]:
     """final_roundtrip, then final_sliding, final_ttt and final_phased_ttt when enabled; returns the
     last one, the run's score. Both TTTs start from the artifact's weights."""
     L = args.eval_seq_len
-    label, result = "final_roundtrip", evaluate(model, val_tokens, luts, args, rt, L, "roundtrip")
+    label, result = "final_roundtrip", evaluate(model, val_tokens, val_bytes, args, rt, L, "roundtrip")
     rt.log(result.line(label))
     if 0 < args.eval_stride < L:
-        label, result = "final_sliding", evaluate(model, val_tokens, luts, args, rt, args.eval_stride, "sliding")
+        label, result = "final_sliding", evaluate(model, val_tokens, val_bytes, args, rt, args.eval_stride, "sliding")
         rt.log(result.line(label))
     pristine = copy.deepcopy(model) if args.ttt_enabled and args.phased_ttt_enabled else model
     if args.ttt_enabled:
-        label, result = "final_ttt", evaluate_ttt(model, val_tokens, luts, args, rt, eval_t0)
+        label, result = "final_ttt", evaluate_ttt(model, val_tokens, val_bytes, args, rt, eval_t0)
         rt.log(result.line(label))
     if args.phased_ttt_enabled:
-        label, result = "final_phased_ttt", evaluate_phased_ttt(pristine, val_tokens, luts, args, rt, eval_t0)
+        label, result = "final_phased_ttt", evaluate_phased_ttt(pristine, val_tokens, val_bytes, args, rt, eval_t0)
         rt.log(result.line(label))
     return label, result
 
@@ -2405,6 +2446,15 @@ def peak_memory_mib(rt: Runtime) -> float:
         return torch.cuda.max_memory_allocated(rt.device) / 2**20
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def check_artifact_accounting(meta: dict, args: Hyperparameters, path: str) -> None:
+    """A CaseOps model scored with LUT bytes, or a plain one with sidecar bytes, is an error
+    (artifacts from before the key existed were plain)."""
+    trained = meta.get("byte_accounting", "luts")
+    if trained != args.byte_accounting:
+        raise ConfigError(f"{path} was trained with byte_accounting:{trained}; scoring it with "
+                          f"byte_accounting:{args.byte_accounting} (TOKENIZER_PATH, DATA_PATH) would give a wrong val_bpb")
 
 
 def adopt_artifact_config(args: Hyperparameters, meta: dict) -> None:
@@ -2430,12 +2480,15 @@ def run(args: Hyperparameters, rt: Runtime):
     if checked.startswith("none"):
         rt.log(f"warning: {args.data_path} has no {TOKENIZER_RECORD}, so nothing shows its shards were made with "
                "TOKENIZER_PATH (rebuild them with data/convert_text.py to record it)")
-    luts = build_byte_luts(load_tokenizer(args.tokenizer_path, args.vocab_size), args.vocab_size)
+    sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
+    args.byte_accounting = byte_accounting(args, sp)
+    luts = build_byte_luts(sp, args.vocab_size) if args.byte_accounting == "luts" else None
+    rt.log(f"byte_accounting:{args.byte_accounting} tokenizer:{args.tokenizer_path}")
     backend, reason = select_attention_backend(args.attn_backend, rt.device)
     rt.log(f"attention_backend:{backend} reason:{reason}")
     _, code_bytes, _ = code_identity()
     path = args.artifact_path or f"logs/{args.run_id}.pgart"
-    train_ms, val_tokens = 0.0, None
+    train_ms, val_tokens, val_bytes = 0.0, None, None
     if args.eval_only:
         path = args.eval_only
         eval_t0 = time.perf_counter()
@@ -2449,8 +2502,9 @@ def run(args: Hyperparameters, rt: Runtime):
         if est > args.artifact_budget:
             rt.log(f"warning: estimated artifact {est} bytes exceeds ARTIFACT_BUDGET={args.artifact_budget}; export will lower bits")
         resolve_gptq_reserve(model, args, rt)
-        val_tokens = load_validation_tokens(args.data_path, args.vocab_size) if args.val_loss_every else None
-        stats = train(model, args, rt, val_tokens, luts)
+        if args.val_loss_every:
+            val_tokens, val_bytes = load_validation(args, luts)
+        stats = train(model, args, rt, val_tokens, val_bytes)
         t0 = time.perf_counter()
         set_late_qat(model, False)
         hessians = {}
@@ -2471,22 +2525,24 @@ def run(args: Hyperparameters, rt: Runtime):
             rt.log(f"error: training_clock_over_cap total_ms:{train_ms:.0f} cap_ms:{cap_ms:.0f} "
                    f"export_ms:{1000 * export_s:.0f} reserve_ms:{1000 * args.gptq_reserve_seconds:.0f}")
         eval_t0 = time.perf_counter()
-        val_tokens = val_tokens if val_tokens is not None else load_validation_tokens(args.data_path, args.vocab_size)
-        rt.log(evaluate(model, val_tokens, luts, args, rt, args.eval_seq_len, "prequant").line("final_prequant"))
+        if val_tokens is None:
+            val_tokens, val_bytes = load_validation(args, luts)
+        rt.log(evaluate(model, val_tokens, val_bytes, args, rt, args.eval_seq_len, "prequant").line("final_prequant"))
         del model
     t0 = time.perf_counter()
     meta, state = read_artifact(path)
+    check_artifact_accounting(meta, args, path)
     model = model_from_artifact(meta, state, args, rt, backend)
     rt.log(f"artifact_loaded path:{path} load_ms:{1000 * (time.perf_counter() - t0):.0f}")
     bytes_model = os.path.getsize(path)
     total = code_bytes + bytes_model
     rt.log(f"artifact path:{path} bytes_code:{code_bytes} bytes_model:{bytes_model} bytes_total:{total} "
-           f"limit:{args.artifact_budget} compressor:{meta['compressor']}")
+           f"limit:{args.artifact_budget} compressor:{meta['compressor']} sha256:{meta['sha256']}")
     if total > args.artifact_budget:
         rt.log(f"error: artifact_over_budget bytes_total:{total} limit:{args.artifact_budget}")
     if val_tokens is None:  # EVAL_ONLY; after training the prequant eval already loaded them
-        val_tokens = load_validation_tokens(args.data_path, args.vocab_size)
-    label, result = final_evaluations(model, val_tokens, luts, args, rt, eval_t0)
+        val_tokens, val_bytes = load_validation(args, luts)
+    label, result = final_evaluations(model, val_tokens, val_bytes, args, rt, eval_t0)
     eval_ms = 1000 * (time.perf_counter() - eval_t0)
     rt.log(f"eval_time total_ms:{eval_ms:.0f} limit_ms:{1000 * args.eval_max_seconds:.0f}")
     rt.log(f"peak_mem_mib:{peak_memory_mib(rt):.0f}")

@@ -84,12 +84,12 @@ def rans_bytes(qstate: dict, args) -> tuple[int, float, float] | None:
     return total, enc_s, dec_s
 
 
-def roundtrip_bpb(raw: bytes, args, rt, val_tokens, luts) -> float:
+def roundtrip_bpb(raw: bytes, args, rt, val_tokens, val_bytes) -> float:
     _, state = tg.deserialize_state(raw)
     model = tg.GPT(args)
     model.load_state_dict(state)
     model.looping = args.num_loops > 1
-    return tg.evaluate(model, val_tokens, luts, args, rt, args.eval_seq_len).val_bpb
+    return tg.evaluate(model, val_tokens, val_bytes, args, rt, args.eval_seq_len).val_bpb
 
 
 def record_shape_model(args):
@@ -196,10 +196,10 @@ def main(argv=None) -> int:
     luts = tg.build_byte_luts(spm.SentencePieceProcessor(model_file=args.tokenizer_path), args.vocab_size)
     torch.manual_seed(args.seed)
     model = tg.GPT(args)
-    stats = tg.train(model, args, rt, None, luts)
+    stats = tg.train(model, args, rt, None, None)
     hessians = tg.collect_hessians(model, tg.calibration_batches(model, args, rt, stats["loader"]), rt)
-    val_tokens = tg.load_validation_tokens(args.data_path, args.vocab_size)
-    pre = tg.evaluate(model, val_tokens, luts, args, rt, args.eval_seq_len).val_bpb
+    val_tokens, val_bytes = tg.load_validation(args, luts)
+    pre = tg.evaluate(model, val_tokens, val_bytes, args, rt, args.eval_seq_len).val_bpb
     n_params = sum(p.numel() for p in model.parameters())
     print(f"trained {stats['steps']} steps, {n_params} params, prequant val_bpb {pre:.4f}", flush=True)
 
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
         quant_s = time.perf_counter() - t0
         meta = dict(config=vargs.model_config(), looping=model.looping)
         raw = b"".join(tg.serialize_chunks(qstate, meta, False))
-        bpb = roundtrip_bpb(raw, vargs, rt, val_tokens, luts)
+        bpb = roundtrip_bpb(raw, vargs, rt, val_tokens, val_bytes)
         cells = []
         for comp, packed in [(c, False) for c in GENERIC] + [("brotli", True)]:
             raw = b"".join(tg.serialize_chunks(qstate, meta, packed))

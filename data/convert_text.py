@@ -16,6 +16,11 @@ beside the shards holds the tokenizer's sha256; train_gpt.py refuses another tok
 The new set is built in a temporary directory and replaces the old shards only once it is
 complete: a bad input leaves the existing dataset as it was.
 
+--caseops (with a CaseOps tokenizer) tokenizes each document's CaseOps transform (data/caseops.py)
+and writes, beside each validation shard, fineweb_val_bytes_NNNNNN.bin: the same header with magic
+20240522 and one uint16 per token, the bytes of the original (normalized) text that token stands
+for (0 for BOS and for case operators). train_gpt.py sums these instead of its byte LUTs.
+
 Example:
   python data/convert_text.py corpus.jsonl --tokenizer data/tokenizers/fineweb_1024_bpe.model \\
       --out data/datasets/mine_sp1024 --val-docs 1000
@@ -37,7 +42,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # The shard format has one home, train_gpt.py's data section; this file only writes it.
-from train_gpt import SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, TOKENIZER_RECORD, shard_token_count  # noqa: E402
+from train_gpt import (SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, TOKENIZER_RECORD, VAL_BYTES_MAGIC,  # noqa: E402
+                       shard_token_count)
 
 # ----------------------------------------------------------------------------- shard format
 
@@ -47,7 +53,7 @@ DEFAULT_SHARD_TOKENS = 100_000_000  # size of the official shards
 ENCODE_BATCH_DOCS = 256
 
 
-def write_shard(path: str | Path, tokens: Iterable[int] | np.ndarray) -> None:
+def write_shard(path: str | Path, tokens: Iterable[int] | np.ndarray, magic: int = SHARD_MAGIC) -> None:
     """Write one official-format shard; refuses ids that do not fit uint16."""
     arr = np.asarray(tokens, dtype=np.int64).reshape(-1)
     if arr.size and (arr.min() < 0 or arr.max() > MAX_TOKEN_ID):
@@ -56,7 +62,7 @@ def write_shard(path: str | Path, tokens: Iterable[int] | np.ndarray) -> None:
     if arr.size > np.iinfo(np.int32).max:
         raise ValueError(f"{arr.size} tokens do not fit the int32 header count")
     header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
-    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, arr.size
+    header[0], header[1], header[2] = magic, SHARD_VERSION, arr.size
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
@@ -64,9 +70,9 @@ def write_shard(path: str | Path, tokens: Iterable[int] | np.ndarray) -> None:
         f.write(arr.astype("<u2").tobytes())
 
 
-def read_shard(path: str | Path) -> np.ndarray:
+def read_shard(path: str | Path, magic: int = SHARD_MAGIC) -> np.ndarray:
     """Read one shard's tokens (uint16), validating it first."""
-    count = shard_token_count(str(path))
+    count = shard_token_count(str(path), (magic,))
     return np.fromfile(path, dtype="<u2", count=count, offset=HEADER_BYTES)
 
 
@@ -128,8 +134,8 @@ def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
 class _SplitWriter:
     """Accumulates one split's tokens and writes fineweb_<split>_NNNNNN.bin every shard_tokens."""
 
-    def __init__(self, out_dir: Path, split: str, shard_tokens: int):
-        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int, magic: int = SHARD_MAGIC):
+        self.out_dir, self.split, self.shard_tokens, self.magic = out_dir, split, shard_tokens, magic
         self.pending: list[np.ndarray] = []
         self.pending_len = 0
         self.paths: list[str] = []
@@ -154,18 +160,23 @@ class _SplitWriter:
 
     def _write(self, tokens: np.ndarray) -> None:
         path = self.out_dir / f"fineweb_{self.split}_{len(self.paths):06d}.bin"
-        write_shard(path, tokens)
+        write_shard(path, tokens, self.magic)
         self.paths.append(str(path))
 
 
-def tokenize(sp, texts: list[str]) -> list[np.ndarray]:
-    """The one place text becomes tokens: each document as [BOS] + SentencePiece ids."""
+def tokenize(sp, texts: list[str], table=None) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """The one place text becomes tokens: each document as [BOS] + SentencePiece ids, with the original
+    byte cost of each id when table (CaseOps piece bytes) is given, else None."""
+    import caseops as co
+
+    encoded = ((ids, None) for ids in sp.encode(texts, out_type=int)) if table is None else \
+        (co.encode_document(sp, table, text) for text in texts)
     docs = []
-    for ids in sp.encode(texts, out_type=int):
+    for ids, costs in encoded:
         doc = np.empty(len(ids) + 1, dtype=np.int32)
         doc[0] = sp.bos_id()
         doc[1:] = ids
-        docs.append(doc)
+        docs.append((doc, costs))
     return docs
 
 
@@ -177,6 +188,7 @@ def write_shards(
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     max_docs: int | None = None,
     max_train_tokens: int | None = None,
+    caseops: bool = False,
 ) -> dict:
     """Tokenize texts into official shards in out_dir and return a summary dict.
 
@@ -185,6 +197,7 @@ def write_shards(
     it). The shards are built in a temporary sibling directory; only a complete set replaces the
     fineweb_*.bin files (and tokenizer record) in out_dir, so splits never mix runs and an error
     halfway leaves the old dataset intact. Other files in out_dir are kept.
+    caseops: tokenize the CaseOps transform and write the validation byte sidecar (module doc).
     """
     import sentencepiece as spm
 
@@ -199,18 +212,22 @@ def write_shards(
     if sp.bos_id() < 0:
         raise ValueError(f"{tokenizer_path} has no BOS id; official shards start every document with BOS")
 
+    table = caseops_table(sp, tokenizer_path, caseops)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.building-"))
     try:
         val, train = _SplitWriter(build, "val", shard_tokens), _SplitWriter(build, "train", shard_tokens)
+        val_bytes = _SplitWriter(build, "val_bytes", shard_tokens, VAL_BYTES_MAGIC)
         docs_seen, train_full = 0, False
         if max_docs is not None:
             texts = itertools.islice(texts, max_docs)
         for batch in _batches(texts, ENCODE_BATCH_DOCS):
-            for doc in tokenize(sp, batch):
+            for doc, costs in tokenize(sp, batch, table):
                 if docs_seen < val_docs:
                     val.add(doc)
+                    if caseops:
+                        val_bytes.add(np.concatenate([[0], costs]))
                 elif max_train_tokens is not None and train.tokens + doc.size > max_train_tokens:
                     train_full = True
                     break
@@ -219,18 +236,20 @@ def write_shards(
                 docs_seen += 1
             if train_full:
                 break
-        val.close()
-        train.close()
+        for split in (val, train, val_bytes):
+            split.close()
         if val.docs < val_docs or train.docs == 0:
             raise ValueError(
                 f"not enough documents: {val.docs} val (wanted {val_docs}) and {train.docs} train; "
                 "train_gpt.py needs both splits non-empty"
             )
+        if caseops:
+            bytes_val = sum(int(read_shard(f, VAL_BYTES_MAGIC).sum()) for f in val_bytes.paths)
         write_tokenizer_record(build, tokenizer_path, vocab_size)
         _swap_in(build, out_dir)
     finally:
         shutil.rmtree(build, ignore_errors=True)
-    return {
+    summary = {
         "tokenizer": str(tokenizer_path),
         "vocab_size": vocab_size,
         "out_dir": str(out_dir),
@@ -241,6 +260,20 @@ def write_shards(
         "files_val": [str(out_dir / Path(p).name) for p in val.paths],
         "files_train": [str(out_dir / Path(p).name) for p in train.paths],
     }
+    if caseops:
+        summary.update(caseops=True, bytes_val=bytes_val, files_val_bytes=[str(out_dir / Path(p).name) for p in val_bytes.paths])
+    return summary
+
+
+def caseops_table(sp, tokenizer_path, caseops: bool):
+    """The CaseOps piece-byte table for --caseops, else None; a CaseOps tokenizer without --caseops,
+    or the reverse, is refused."""
+    import caseops as co
+
+    if co.is_caseops_tokenizer(sp) != caseops:
+        raise ValueError(f"{tokenizer_path}: " + ("not a CaseOps tokenizer (no operator pieces U+E001..U+E004)" if caseops
+                                                 else "a CaseOps tokenizer expects CaseOps text; pass --caseops"))
+    return co.piece_bytes(sp) if caseops else None
 
 
 def _swap_in(build: Path, out_dir: Path) -> None:
@@ -266,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-docs", type=int, default=None, help="read at most this many documents")
     p.add_argument("--max-train-tokens", type=int, default=None,
                    help="cap the training split (whole documents only)")
+    p.add_argument("--caseops", action="store_true",
+                   help="encode the CaseOps transform (needs a CaseOps tokenizer) and write fineweb_val_bytes_*.bin")
     return p
 
 
@@ -273,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = write_shards(iter_texts(args.inputs), args.tokenizer, args.out, args.val_docs,
-                               args.shard_tokens, args.max_docs, args.max_train_tokens)
+                               args.shard_tokens, args.max_docs, args.max_train_tokens, args.caseops)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -5,8 +5,11 @@ The challenge publishes pre-tokenized FineWeb as dataset repos on the Hugging Fa
   <root>/datasets/fineweb10B_<variant>/fineweb_{val,train}_NNNNNN.bin
   <root>/tokenizers/<name>.model, <name>.vocab
 with <root> = "datasets". sp1024 lives in willdepueoai/parameter-golf (the one openai/parameter-golf
-uses); sp8192 in kevclark/parameter-golf (the one the SP8192 records use). The manifest decides how
-many validation shards exist (always all downloaded) and which tokenizer files belong to a variant.
+uses); sp8192 in kevclark/parameter-golf (the one the SP8192 records use); sp8192_caseops (CaseOps
+text, tokenizer fineweb_8192_bpe_lossless_caps_caseops_v1_reserved) in romeerp/parameter-golf-caseops-v1,
+the repo the 1.0611 / 1.065 CaseOps records download, with one fineweb_val_bytes_NNNNNN.bin byte
+sidecar per validation shard (train_gpt.py scores CaseOps with it). The manifest decides how many
+validation shards exist (always all downloaded) and which tokenizer files belong to a variant.
 
 Local layout, under --out (default ./data):
   datasets/fineweb10B_<variant>/...    DATA_PATH for train_gpt.py
@@ -43,6 +46,9 @@ REMOTE_ROOT = "datasets"
 VARIANTS = {
     "sp1024": dict(repo="willdepueoai/parameter-golf", vocab_size=1024),
     "sp8192": dict(repo="kevclark/parameter-golf", vocab_size=8192),
+    "sp8192_caseops": dict(repo="romeerp/parameter-golf-caseops-v1", vocab_size=8192, val_bytes=True,
+                           dataset="fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+                           tokenizer="fineweb_8192_bpe_lossless_caps_caseops_v1_reserved"),
 }
 # Used only when no manifest is at hand (dry run): the published manifests list one val shard.
 ASSUMED_VAL_SHARDS = 1
@@ -60,7 +66,7 @@ class Fetch:
 
 
 def dataset_name(variant: str) -> str:
-    return f"fineweb10B_{variant}"
+    return VARIANTS[variant].get("dataset", f"fineweb10B_{variant}")
 
 
 def local_path(remote: str, out: Path) -> Path:
@@ -92,7 +98,8 @@ def plan_downloads(variant: str, train_shards: int, out: Path, manifest: dict | 
     notes: list[str] = []
     if manifest is None:
         val_shards = ASSUMED_VAL_SHARDS
-        tokenizer_files = [f"tokenizers/fineweb_{vocab}_bpe.model", f"tokenizers/fineweb_{vocab}_bpe.vocab"]
+        tok = VARIANTS[variant].get("tokenizer", f"fineweb_{vocab}_bpe")
+        tokenizer_files = [f"tokenizers/{tok}.model", f"tokenizers/{tok}.vocab"]
         notes.append(f"no manifest read: assuming {val_shards} val shard(s) and tokenizer files "
                      f"{', '.join(tokenizer_files)}; a real run takes both from the manifest")
     else:
@@ -113,6 +120,8 @@ def plan_downloads(variant: str, train_shards: int, out: Path, manifest: dict | 
             raise ValueError(f"tokenizer entry {tok_name} names no files")
     prefix = f"{REMOTE_ROOT}/datasets/{name}"
     remotes = [f"{prefix}/fineweb_val_{i:06d}.bin" for i in range(val_shards)]
+    if VARIANTS[variant].get("val_bytes"):
+        remotes += [f"{prefix}/fineweb_val_bytes_{i:06d}.bin" for i in range(val_shards)]
     remotes += [f"{prefix}/fineweb_train_{i:06d}.bin" for i in range(train_shards)]
     remotes += [f"{REMOTE_ROOT}/{f}" for f in tokenizer_files]
     return Plan([Fetch(r, local_path(r, out)) for r in remotes], notes)

@@ -18,9 +18,10 @@ def val_tokens(n):
     return torch.from_numpy(read_tokens(TINY / "fineweb_val_000000.bin")[:n].astype(np.int64))
 
 
-def luts():
+def val_bytes(tokens):
+    """LUT bytes of every target of tokens, as load_validation gives them for a plain tokenizer."""
     import sentencepiece as spm
-    return tg.build_byte_luts(spm.SentencePieceProcessor(model_file=str(TINY / "tokenizer.model")), 512)
+    return tg.lut_val_bytes(tokens, tg.build_byte_luts(spm.SentencePieceProcessor(model_file=str(TINY / "tokenizer.model")), 512))
 
 
 # --- quantization -------------------------------------------------------------------------------
@@ -104,7 +105,7 @@ def test_sliding_eval_equals_an_independent_per_window_computation(stride):
     torch.manual_seed(0)
     model = tg.GPT(args).eval()
     tokens = val_tokens(333)
-    r = tg.evaluate(model, tokens, luts(), args, CPU, stride)
+    r = tg.evaluate(model, tokens, val_bytes(tokens), args, CPU, stride)
     total, count = naive_window_nll(model, tokens, tg.plan_windows(1, 332, 64, stride))
     assert r.tokens == count == 332
     assert r.nll == pytest.approx(total, rel=1e-6)
@@ -123,7 +124,7 @@ def test_ttt_is_score_first_perturbing_the_future_leaves_past_losses_unchanged()
     losses = []
     for toks in (tokens, torch.cat([tokens[:t + 1], torch.randint(2, 512, (len(tokens) - t - 1,))])):
         out = torch.full((len(toks),), float("nan"), dtype=torch.float64)
-        tg.evaluate_ttt(copy.deepcopy(model), toks, luts(), args, CPU, eval_t0=time.perf_counter(), token_losses=out)
+        tg.evaluate_ttt(copy.deepcopy(model), toks, val_bytes(toks), args, CPU, eval_t0=time.perf_counter(), token_losses=out)
         losses.append(out)
     assert not torch.isnan(losses[0][1:]).any()
     torch.testing.assert_close(losses[0][1:t + 1], losses[1][1:t + 1], rtol=0, atol=0)
@@ -133,8 +134,8 @@ def test_ttt_is_score_first_perturbing_the_future_leaves_past_losses_unchanged()
 def test_ttt_with_zero_lr_equals_the_plain_sliding_score():
     args, model = ttt_setup(TTT_LR=0, TTT_CHUNK_TOKENS=64)
     tokens = val_tokens(555)
-    ttt = tg.evaluate_ttt(copy.deepcopy(model), tokens, luts(), args, CPU, time.perf_counter())
-    plain = tg.evaluate(model, tokens, luts(), args, CPU, 16)
+    ttt = tg.evaluate_ttt(copy.deepcopy(model), tokens, val_bytes(tokens), args, CPU, time.perf_counter())
+    plain = tg.evaluate(model, tokens, val_bytes(tokens), args, CPU, 16)
     assert ttt.tokens == plain.tokens == 554
     assert ttt.val_loss == pytest.approx(plain.val_loss, abs=1e-6)
 
@@ -142,8 +143,8 @@ def test_ttt_with_zero_lr_equals_the_plain_sliding_score():
 def test_ttt_adapts_and_improves_on_repetitive_text():
     args, model = ttt_setup(TTT_LR=0.02, TTT_EPOCHS=2)
     tokens = val_tokens(200).repeat(4)
-    ttt = tg.evaluate_ttt(copy.deepcopy(model), tokens, luts(), args, CPU, time.perf_counter())
-    plain = tg.evaluate(model, tokens, luts(), args, CPU, 16)
+    ttt = tg.evaluate_ttt(copy.deepcopy(model), tokens, val_bytes(tokens), args, CPU, time.perf_counter())
+    plain = tg.evaluate(model, tokens, val_bytes(tokens), args, CPU, 16)
     assert ttt.tokens == plain.tokens and ttt.val_loss < plain.val_loss - 0.05
 
 

@@ -8,7 +8,7 @@ import torch
 
 import train_gpt as tg
 from conftest import log_value, run_train
-from test_export_eval import CPU, luts, make_args, naive_window_nll, val_tokens
+from test_export_eval import CPU, make_args, naive_window_nll, val_bytes, val_tokens
 
 BOS = tg.BOS_ID
 # documents shorter than, equal to and longer than the chunk (16) and EVAL_SEQ_LEN (48); 0 = two BOS in a row
@@ -35,7 +35,7 @@ def setup(**overrides):
 def run(model, args, tokens, rt=CPU, eval_t0=None):
     """(result, per-target losses) of phased TTT on a copy of the model."""
     out = torch.full((len(tokens),), float("nan"), dtype=torch.float64)
-    r = tg.evaluate_phased_ttt(copy.deepcopy(model), tokens, luts(), args, rt,
+    r = tg.evaluate_phased_ttt(copy.deepcopy(model), tokens, val_bytes(tokens), args, rt,
                                time.perf_counter() if eval_t0 is None else eval_t0, token_losses=out)
     return r, out
 
@@ -59,7 +59,7 @@ def test_every_target_is_scored_exactly_once(phases):
     assert r.tokens == len(tokens) - 1
     assert not torch.isnan(out[1:]).any() and torch.isnan(out[0])
     assert r.nll == pytest.approx(float(out[1:].sum()), rel=1e-9)
-    assert r.bytes == tg.evaluate(model, tokens, luts(), args, CPU, 48).bytes
+    assert r.bytes == tg.evaluate(model, tokens, val_bytes(tokens), args, CPU, 48).bytes
 
 
 @pytest.mark.parametrize("phases", [0, 2])

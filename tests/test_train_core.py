@@ -164,14 +164,14 @@ def test_bpb_matches_independent_per_token_computation():
     torch.manual_seed(0)
     model = tg.GPT(args)
     rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False, False, None)
-    r = tg.evaluate(model, tokens, luts, args, rt, 64)
+    r = tg.evaluate(model, tokens, tg.lut_val_bytes(tokens, luts), args, rt, 64)
     with torch.no_grad():
         nll = model.token_nll(tokens[None, :-1], tokens[None, 1:])[0]
     expected_bytes = sum(len(sp.id_to_piece(int(t)).replace("\u2581", " " if int(p) != tg.BOS_ID else "").encode())
                          for p, t in zip(tokens[:-1], tokens[1:]) if int(t) != tg.BOS_ID)
     assert r.tokens == 299 and r.bytes == expected_bytes
     # stride == seq_len windows see less context than one long forward, so compare the first window exactly
-    first = tg.evaluate(model, tokens[:65], luts, args, rt, 64)
+    first = tg.evaluate(model, tokens[:65], tg.lut_val_bytes(tokens[:65], luts), args, rt, 64)
     assert first.val_loss == pytest.approx(float(nll[:64].mean()), abs=1e-6)
 
 
