@@ -26,7 +26,7 @@ def stream(lengths, seed=0, lead=5):
 
 def setup(**overrides):
     knobs = dict(PHASED_TTT_ENABLED=1, PHASED_TTT_CHUNK_TOKENS=16, EVAL_SEQ_LEN=48, PHASED_TTT_DOCS_PER_BATCH=3,
-                 PHASED_TTT_LR=0.05, TTT_LR=0.05)
+                 PHASED_TTT_LR=0.01, TTT_LR=0.05)
     args = make_args(**dict(knobs, **overrides))
     torch.manual_seed(0)
     return args, tg.GPT(args)
@@ -123,7 +123,7 @@ def test_budget_guard_stops_adapting_but_scores_everything(tmp_path):
     tokens = stream(LENGTHS)
     args, model = setup(EVAL_MAX_SECONDS=1, PHASED_TTT_NUM_PHASES=2)
     r, out = run(model, args, tokens, rt, eval_t0=time.perf_counter() - 2)  # budget already spent
-    assert "ttt_stopped_adapting phased_ttt at:batch:0/" in log.read_text()
+    assert "ttt_stopped_adapting phase:phased_ttt at:chunk:0 " in log.read_text()
     assert "global_phases_trained:0" in log.read_text()
     assert r.tokens == len(tokens) - 1 and not torch.isnan(out[1:]).any()
     frozen, _ = run(model, setup(PHASED_TTT_LR=0, TTT_LR=0)[0], tokens)
