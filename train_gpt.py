@@ -1902,7 +1902,7 @@ def prime_eval_graphs(model: GPT, args: Hyperparameters, rt: Runtime, luts):
     artifact_like = GPT(args, model.blocks[0].attn.backend).to(rt.device)
     artifact_like.looping = final_looping
     calls = [(f"eval_training_model looping:{int(looping)}", model, looping, lambda m: evaluate(m, dummy, luts, args, rt, args.eval_seq_len))
-             for looping in sorted({final_looping, bool(args.val_loss_every) and args.num_loops > 1})]
+             for looping in sorted({final_looping} | ({False, True} if args.val_loss_every and args.num_loops > 1 else set()))]
     calls.append((f"eval_artifact_model looping:{int(final_looping)}", artifact_like, final_looping,
                   lambda m: evaluate(m, dummy, luts, args, rt, args.eval_seq_len)))
     if args.ttt_enabled:

@@ -141,5 +141,7 @@ def test_one_and_two_ranks_agree_and_phased_ttt_is_the_final_result(tmp_path, ti
     _, log2 = run_train(env, tmp_path, nproc=2)
     assert "final_ttt " in log2 and log_value(log2, "final_result", "label") == "final_phased_ttt"
     assert int(log_value(log2, "final_phased_ttt", "tokens")) == 3000
+    # Every document's rows and every TTT gradient are computed the same way on any world size and
+    # summed in float64 (exact or nearly for a few fp32 terms): equal to the printed 8 decimals.
     ref = float(log_value(log1, "final_phased_ttt", "val_loss"))
-    assert float(log_value(log2, "final_phased_ttt", "val_loss")) == pytest.approx(ref, abs=1e-6)
+    assert float(log_value(log2, "final_phased_ttt", "val_loss")) == pytest.approx(ref, abs=2e-8)
