@@ -104,7 +104,8 @@ def test_zero_lr_equals_an_independent_document_local_evaluation(seq_len):
                    for a in range(1, e - s + 1, 16) for b in [min(a + 15, e - s)]]
         total, count = naive_window_nll(model, tokens, windows)
     assert r.tokens == count == len(tokens) - 1
-    assert r.nll == pytest.approx(total, rel=1e-6)
+    # batched rows against one forward per window: each loss within ~100 fp32 ulps, so is their sum
+    assert r.nll == pytest.approx(total, rel=1e-5)
 
 
 def test_adapters_learn_within_a_document():
@@ -145,3 +146,22 @@ def test_one_and_two_ranks_agree_and_phased_ttt_is_the_final_result(tmp_path, ti
     # summed in float64 (exact or nearly for a few fp32 terms): equal to the printed 8 decimals.
     ref = float(log_value(log1, "final_phased_ttt", "val_loss"))
     assert float(log_value(log2, "final_phased_ttt", "val_loss")) == pytest.approx(ref, abs=2e-8)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_default_recipe_beats_the_same_models_sliding_evaluation(autocast):
+    """Issue 12: with the default adapter recipe (only the shapes shrunk), phased TTT must score
+    better than sliding evaluation of the same model. Documents repeat a random 12-token pattern:
+    an untrained model cannot copy it from context, adapters can learn it. Everything is seeded, so
+    the gain (measured 0.02 nats fp32) is far above the 1e-6 that rounding can move a loss."""
+    g = torch.Generator().manual_seed(3)
+    docs = [torch.cat([torch.tensor([BOS]), torch.randint(2, 512, (12,), generator=g).repeat(8)]) for _ in range(8)]
+    tokens = torch.cat(docs + [torch.tensor([BOS])])
+    args = make_args(PHASED_TTT_ENABLED=1, PHASED_TTT_CHUNK_TOKENS=16, EVAL_SEQ_LEN=48)
+    torch.manual_seed(0)
+    model = tg.GPT(args)
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), autocast, False, None)
+    sliding = tg.evaluate(model, tokens, luts(), args, rt, 16)
+    phased, _ = run(model, args, tokens, rt)
+    assert phased.tokens == sliding.tokens == len(tokens) - 1
+    assert phased.val_loss < sliding.val_loss - 0.01
