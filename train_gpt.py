@@ -1514,13 +1514,13 @@ class TimeBudget:
 
     @contextlib.contextmanager
     def timed(self, kind: str, shape, units: float):
-        t0 = time.perf_counter()
+        started = time.perf_counter()
         yield
         self.rt.sync()
         if (kind, shape) in self.first_calls:
-            m = self.measured.setdefault(kind, [0.0, 0.0])
-            m[0] += time.perf_counter() - t0
-            m[1] += units
+            spent = self.measured.setdefault(kind, [0.0, 0.0])
+            spent[0] += time.perf_counter() - started
+            spent[1] += units
         self.first_calls.add((kind, shape))
 
     def seconds(self, kind: str, units: float) -> float:
@@ -1540,30 +1540,31 @@ class TimeBudget:
         return not over
 
 
-def ttt_train_chunk(model: GPT, nll_fn, tokens: Tensor, a: int, b: int, params, opt, args, rt):
-    """One pass over targets a..b (all already scored), TTT_BATCH_SEQS sequences per step, split
-    across ranks. Every sequence gets its own backward at one shape (1, EVAL_SEQ_LEN), so one graph
-    serves all steps; its fp32 gradient is added in float64 and all-reduced in float64, where the
-    sum of a few fp32 terms is exact or nearly, so the step does not depend on which rank computed
-    what: 1 and N ranks take the same step."""
-    L, d = args.eval_seq_len, rt.device
-    seqs = [(s, min(s + L, b)) for s in range(a - 1, b, L)]
-    grad_sums = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-    for i in range(0, len(seqs), args.ttt_batch_seqs):
-        group = seqs[i:i + args.ttt_batch_seqs]
-        for s, e in group[rt.rank::rt.world_size]:
-            x, y, mask = torch.zeros(1, L, dtype=torch.long), torch.zeros(1, L, dtype=torch.long), torch.zeros(1, L)
-            x[0, :e - s], y[0, :e - s], mask[0, :e - s] = tokens[s:e], tokens[s + 1:e + 1], 1
+def ttt_train_chunk(model: GPT, nll_fn, tokens: Tensor, first: int, last: int, params, opt, args, rt):
+    """One pass over targets first..last (all already scored), TTT_BATCH_SEQS sequences per step,
+    split across ranks. Every sequence gets its own backward at one shape (1, EVAL_SEQ_LEN), so one
+    graph serves all steps; its fp32 gradient is added in float64 and all-reduced in float64, where
+    the sum of a few fp32 terms is exact or nearly, so the step does not depend on which rank
+    computed what: 1 and N ranks take the same step."""
+    seq_len, device = args.eval_seq_len, rt.device
+    seqs = [(start, min(start + seq_len, last)) for start in range(first - 1, last, seq_len)]
+    grad_sums = [torch.zeros_like(param, dtype=torch.float64) for param in params]
+    for group_start in range(0, len(seqs), args.ttt_batch_seqs):
+        group = seqs[group_start:group_start + args.ttt_batch_seqs]
+        for start, end in group[rt.rank::rt.world_size]:
+            inputs, targets = torch.zeros(1, seq_len, dtype=torch.long), torch.zeros(1, seq_len, dtype=torch.long)
+            mask = torch.zeros(1, seq_len)
+            inputs[0, :end - start], targets[0, :end - start], mask[0, :end - start] = tokens[start:end], tokens[start + 1:end + 1], 1
             with rt.autocast_ctx():
-                (nll_fn(x.to(d), y.to(d)) * mask.to(d)).sum().backward()
-            for g, p in zip(grad_sums, params):
-                if p.grad is not None:
-                    g += p.grad
-                    p.grad = None
-        n_global = sum(e - s for s, e in group)
-        for g, p in zip(grad_sums, params):
-            p.grad = (rt.all_reduce(g) / n_global).to(p.dtype)
-            g.zero_()
+                (nll_fn(inputs.to(device), targets.to(device)) * mask.to(device)).sum().backward()
+            for grad_sum, param in zip(grad_sums, params):
+                if param.grad is not None:
+                    grad_sum += param.grad
+                    param.grad = None
+        group_targets = sum(end - start for start, end in group)
+        for grad_sum, param in zip(grad_sums, params):
+            param.grad = (rt.all_reduce(grad_sum) / group_targets).to(param.dtype)
+            grad_sum.zero_()
         if args.ttt_grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, args.ttt_grad_clip)
         opt.step()
@@ -1583,26 +1584,27 @@ def evaluate_ttt(model: GPT, val_tokens: Tensor, luts, args: Hyperparameters, rt
     else:
         opt = torch.optim.AdamW(params, lr=args.ttt_lr, betas=(args.ttt_momentum, 0.999), weight_decay=0.0)
     budget = TimeBudget(rt, eval_t0, args.eval_max_seconds, "ttt")
-    last = val_tokens.numel() - 1
+    final_target = val_tokens.numel() - 1
     stride = args.eval_stride or args.eval_seq_len
-    chunks = [(a, min(a + args.ttt_chunk_tokens - 1, last)) for a in range(1, last + 1, args.ttt_chunk_tokens)]
-    for ci, (a, b) in enumerate(chunks):
+    chunks = [(first, min(first + args.ttt_chunk_tokens - 1, final_target))
+              for first in range(1, final_target + 1, args.ttt_chunk_tokens)]
+    for index, (first, last) in enumerate(chunks):
         model.eval()
-        with budget.timed("score", b - a, b - a + 1):
-            ev.score(plan_windows(a, b, args.eval_seq_len, stride), args.eval_batch_seqs, token_losses=token_losses)
-        trained = (b - a + 1) * args.ttt_epochs
-        need = budget.seconds("score", last - b) + budget.seconds("train", trained)
-        if ci == len(chunks) - 1 or not budget.allows(need, f"chunk:{ci}/{len(chunks)}"):
+        with budget.timed("score", last - first, last - first + 1):
+            ev.score(plan_windows(first, last, args.eval_seq_len, stride), args.eval_batch_seqs, token_losses=token_losses)
+        trained = (last - first + 1) * args.ttt_epochs
+        need = budget.seconds("score", final_target - last) + budget.seconds("train", trained)
+        if index == len(chunks) - 1 or not budget.allows(need, f"chunk:{index}/{len(chunks)}"):
             continue
         model.train()
-        for g in opt.param_groups:
-            g["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / (len(chunks) - 1)))
-        with budget.timed("train", b - a, trained):
+        for group in opt.param_groups:
+            group["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * index / (len(chunks) - 1)))
+        with budget.timed("train", last - first, trained):
             for _ in range(args.ttt_epochs):
-                ttt_train_chunk(model, ev.nll_fn, val_tokens, a, b, params, opt, args, rt)
+                ttt_train_chunk(model, ev.nll_fn, val_tokens, first, last, params, opt, args, rt)
         if time.perf_counter() - last_log > 30:
             last_log = time.perf_counter()
-            log_progress(rt, "ttt", ci + 1, len(chunks), t0)
+            log_progress(rt, "ttt", index + 1, len(chunks), t0)
     model.eval()
     return ev.result(t0)
 
@@ -1615,112 +1617,109 @@ def document_spans(tokens: Tensor) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def document_forward_tokens(doc: tuple[int, int], chunk: int, seq_len: int) -> int:
-    """Tokens a document feeds forward when scored chunk by chunk: the window of chunk c ends at the
-    chunk's last target and holds at most seq_len tokens. The cost unit of phased TTT."""
-    return sum(min(seq_len, (c + 1) * chunk) for c in range(-(-(doc[1] - doc[0]) // chunk)))
+def document_forward_tokens(doc: tuple[int, int], chunk_tokens: int, seq_len: int, from_chunk: int = 0) -> int:
+    """Tokens a document feeds forward when scored chunk by chunk from chunk `from_chunk` on: the
+    window of chunk c ends at the chunk's last target and holds at most seq_len tokens. The unit
+    of phased TTT's cost."""
+    chunks = -(-(doc[1] - doc[0]) // chunk_tokens)
+    return sum(min(seq_len, (chunk + 1) * chunk_tokens) for chunk in range(from_chunk, chunks))
 
 
 def plan_phased_ttt(docs: list[tuple[int, int]], args: Hyperparameters, rt: Runtime) -> list[tuple[list, list]]:
     """Segments (documents, this rank's batches of them): one per global phase, then the rest. In a
     segment, documents of similar length share a batch, longest row first, so rows finish together
-    and the unfinished rows of a batch are always a prefix. The plan is the same on every world size;
-    batches go to the least loaded rank, costliest first, and each rank alternates its long and
+    and the unfinished rows of a batch are always a prefix. The batches are the same on every world
+    size; each goes to the least loaded rank, costliest first, and a rank alternates its long and
     short batches so that the budget's rates and the ETA see typical batches from the start."""
-    L, C, B = args.eval_seq_len, min(args.phased_ttt_chunk_tokens, args.eval_seq_len), args.phased_ttt_docs_per_batch
-    phases = args.phased_ttt_num_phases
+    seq_len, per_batch = args.eval_seq_len, args.phased_ttt_docs_per_batch
+    chunk_tokens, phases = min(args.phased_ttt_chunk_tokens, seq_len), args.phased_ttt_num_phases
     prefix = min(args.phased_ttt_prefix_docs, len(docs)) if phases else 0
-    bounds = sorted({0, len(docs)} | {prefix * k // max(phases, 1) for k in range(1, phases + 1)})
+    bounds = sorted({0, len(docs)} | {prefix * phase // max(phases, 1) for phase in range(1, phases + 1)})
     plan = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        by_length = sorted(docs[lo:hi], key=lambda doc: doc[0] - doc[1])
-        batches = [by_length[i:i + B] for i in range(0, len(by_length), B)]
-        cost = [sum(document_forward_tokens(doc, C, L) for doc in batch) for batch in batches]
+        longest_first = sorted(docs[lo:hi], key=lambda doc: doc[0] - doc[1])
+        batches = [longest_first[i:i + per_batch] for i in range(0, len(longest_first), per_batch)]
+        cost = [sum(document_forward_tokens(doc, chunk_tokens, seq_len) for doc in batch) for batch in batches]
         load, mine = [0] * rt.world_size, []
-        for k in sorted(range(len(batches)), key=lambda k: -cost[k]):
-            to = load.index(min(load))
-            load[to] += cost[k]
-            if to == rt.rank:
-                mine.append(batches[k])
+        for costliest in sorted(range(len(batches)), key=lambda i: -cost[i]):
+            rank = load.index(min(load))
+            load[rank] += cost[costliest]
+            if rank == rt.rank:
+                mine.append(batches[costliest])
         alternating = [mine[i // 2] if i % 2 == 0 else mine[-1 - i // 2] for i in range(len(mine))]
         plan.append((docs[lo:hi], alternating))
     return plan
 
 
 def attach_document_adapters(model: GPT, args: Hyperparameters) -> list[nn.Parameter]:
-    """Fresh per-document LoRA adapters (one row per batch slot) on q/k/v/o and both MLP matrices of
-    every block and on the output head; the same initial values on every rank. Returns their
-    parameters."""
+    """Fresh per-document LoRA adapters (one per batch row) on q/k/v/o and both MLP matrices of
+    every block and on the output head, the same on every rank. Returns their parameters."""
     torch.manual_seed(args.seed)
-    r, B, scale = args.phased_ttt_lora_rank, args.phased_ttt_docs_per_batch, args.phased_ttt_lora_alpha / args.phased_ttt_lora_rank
-    for m in model.blocks.modules():
-        if isinstance(m, CastedLinear):
-            m.lora = LoRA(m.weight.size(1), m.weight.size(0), r, m.weight.device, B, scale)
-    dim, device = args.model_dim, model.tok_emb.weight.device
-    model.head_lora = LoRA(dim, args.vocab_size, r, device, B, scale)
-    return [p for m in model.modules() if isinstance(m, LoRA) for p in m.parameters()]
+    rank, rows = args.phased_ttt_lora_rank, args.phased_ttt_docs_per_batch
+    scale = args.phased_ttt_lora_alpha / rank
+    for module in model.blocks.modules():
+        if isinstance(module, CastedLinear):
+            module.lora = LoRA(module.weight.size(1), module.weight.size(0), rank, module.weight.device, rows, scale)
+    model.head_lora = LoRA(args.model_dim, args.vocab_size, rank, model.tok_emb.weight.device, rows, scale)
+    return [param for module in model.modules() if isinstance(module, LoRA) for param in module.parameters()]
 
 
 def detach_document_adapters(model: GPT):
-    for m in model.blocks.modules():
-        if isinstance(m, CastedLinear):
-            m.lora = None
+    for module in model.blocks.modules():
+        if isinstance(module, CastedLinear):
+            module.lora = None
     model.head_lora = None
 
 
 def score_then_adapt_chunk(model: GPT, ev: Evaluator, batch: list, chunk: int, adapt: bool, opt, args,
-                           budget: TimeBudget, token_losses: Tensor | None) -> int:
+                           budget: TimeBudget, token_losses: Tensor | None):
     """Chunk `chunk` of every document in `batch` that still has one (a prefix of the rows: the
     finished rows are not computed): scored with the adapters as they are and recorded (final),
-    then, when adapt, one optimizer step on exactly those targets. Returns the tokens forwarded."""
-    L, C, rt = args.eval_seq_len, min(args.phased_ttt_chunk_tokens, args.eval_seq_len), ev.rt
-    end, windows = (chunk + 1) * C, []
-    for s, e in batch:
-        if e - s <= chunk * C:
-            break
-        last = min(end, e - s)
-        windows.append((s + max(0, last - L), s + last, s + chunk * C + 1))
-    forwarded = len(windows) * min(L, end)
+    then, when adapt, one optimizer step on exactly those targets."""
+    seq_len, chunk_tokens = args.eval_seq_len, min(args.phased_ttt_chunk_tokens, args.eval_seq_len)
+    chunk_end = (chunk + 1) * chunk_tokens
+    windows = [(start + max(0, min(chunk_end, end - start) - seq_len), start + min(chunk_end, end - start),
+                start + chunk * chunk_tokens + 1) for start, end in batch if end - start > chunk * chunk_tokens]
+    forwarded = len(windows) * min(seq_len, chunk_end)
     with budget.timed("score", None, forwarded):
-        x, y, mask = ev.batch(windows, min(L, end))
-        with torch.set_grad_enabled(adapt), rt.autocast_ctx():
-            nll = model.token_nll(x, y)
-        ev.record(windows, x, y, mask, nll.detach().double(), token_losses)
+        inputs, targets, mask = ev.batch(windows, min(seq_len, chunk_end))
+        with torch.set_grad_enabled(adapt), ev.rt.autocast_ctx():
+            nll = model.token_nll(inputs, targets)
+        ev.record(windows, inputs, targets, mask, nll.detach().double(), token_losses)
     if adapt:
         with budget.timed("adapt", None, forwarded):
-            (nll[mask].sum() / C).backward()  # only this chunk's targets, all scored above
+            (nll[mask].sum() / chunk_tokens).backward()  # only this chunk's targets, all scored above
             opt.step()
             opt.zero_grad(set_to_none=True)
-    return forwarded
 
 
-def adapt_document_batch(model: GPT, ev: Evaluator, batch: list, adapter_params: list, initial: list, opt,
-                         args: Hyperparameters, budget: TimeBudget, left: int, token_losses: Tensor | None) -> int:
-    """Score every chunk of a batch's documents, adapting fresh adapters after each chunk but the
-    last while the budget allows. `left` is this rank's forward tokens still to go; returns it
-    updated."""
-    for p, p0 in zip(adapter_params, initial):
-        p.data.copy_(p0)
+def adapt_document_batch(model: GPT, ev: Evaluator, batch: list, adapters: tuple[list, list], opt,
+                         args: Hyperparameters, budget: TimeBudget, later_tokens: int, token_losses: Tensor | None):
+    """Score every chunk of a batch's documents, resetting the adapters (params, initial values)
+    first and stepping them after each chunk but the last while the budget allows; later_tokens is
+    this rank's forward work after this batch."""
+    for param, initial in zip(*adapters):
+        param.data.copy_(initial)
     opt.state.clear()
-    C = min(args.phased_ttt_chunk_tokens, args.eval_seq_len)
-    chunks = -(-(batch[0][1] - batch[0][0]) // C)
+    seq_len, chunk_tokens = args.eval_seq_len, min(args.phased_ttt_chunk_tokens, args.eval_seq_len)
+    chunks = -(-(batch[0][1] - batch[0][0]) // chunk_tokens)
     for chunk in range(chunks):
-        next_forward = sum(min(args.eval_seq_len, (chunk + 1) * C) for s, e in batch if e - s > chunk * C)
-        need = budget.seconds("score", left) + budget.seconds("adapt", next_forward)
+        batch_left = sum(document_forward_tokens(doc, chunk_tokens, seq_len, chunk) for doc in batch)
+        this_chunk = batch_left - sum(document_forward_tokens(doc, chunk_tokens, seq_len, chunk + 1) for doc in batch)
+        need = budget.seconds("score", later_tokens + batch_left) + budget.seconds("adapt", this_chunk)
         adapt = chunk < chunks - 1 and budget.allows(need, f"chunk:{chunk}", all_ranks=False)
-        left -= score_then_adapt_chunk(model, ev, batch, chunk, adapt, opt, args, budget, token_losses)
-    return left
+        score_then_adapt_chunk(model, ev, batch, chunk, adapt, opt, args, budget, token_losses)
 
 
 def train_base_on_segment(model: GPT, ev: Evaluator, segment: list, opt, args: Hyperparameters):
     """A global phase: SGD on all base weights over a segment of documents every rank has scored."""
     base = list(model.parameters())
-    for p in base:
-        p.requires_grad_(True)
+    for param in base:
+        param.requires_grad_(True)
     for _ in range(args.ttt_epochs):
         ttt_train_chunk(model, model.token_nll, ev.tokens, segment[0][0] + 1, segment[-1][1], base, opt, args, ev.rt)
-    for p in base:
-        p.requires_grad_(False)
+    for param in base:
+        param.requires_grad_(False)
 
 
 def evaluate_phased_ttt(model: GPT, val_tokens: Tensor, luts, args: Hyperparameters, rt: Runtime, eval_t0: float,
@@ -1736,34 +1735,36 @@ def evaluate_phased_ttt(model: GPT, val_tokens: Tensor, luts, args: Hyperparamet
     budget = TimeBudget(rt, eval_t0, args.eval_max_seconds, "phased_ttt")
     docs = document_spans(val_tokens)
     plan = plan_phased_ttt(docs, args, rt)
-    C = min(args.phased_ttt_chunk_tokens, args.eval_seq_len)
-    left = sum(document_forward_tokens(doc, C, args.eval_seq_len) for _, batches in plan for batch in batches for doc in batch)
+    chunk_tokens = min(args.phased_ttt_chunk_tokens, args.eval_seq_len)
+    batch_tokens = [[sum(document_forward_tokens(doc, chunk_tokens, args.eval_seq_len) for doc in batch) for batch in batches]
+                    for _, batches in plan]
+    tokens_after = lambda segment, batch: sum(batch_tokens[segment][batch + 1:]) + sum(map(sum, batch_tokens[segment + 1:]))
     base = list(model.parameters())
-    for p in base:
-        p.requires_grad_(False)
+    for param in base:
+        param.requires_grad_(False)
     base_opt = torch.optim.SGD(base, lr=args.ttt_lr, momentum=args.ttt_momentum)
-    done, total, phases_trained = 0, sum(len(batches) for _, batches in plan), 0
-    for k, (segment, batches) in enumerate(plan):
+    done, total, phases_trained = 0, sum(map(len, batch_tokens)), 0
+    for phase, (segment, batches) in enumerate(plan):
         adapter_params = attach_document_adapters(model, args)
-        initial = [p.detach().clone() for p in adapter_params]
+        adapters = (adapter_params, [param.detach().clone() for param in adapter_params])
         opt = torch.optim.AdamW(adapter_params, lr=args.phased_ttt_lr, betas=(args.phased_ttt_beta1, args.phased_ttt_beta2),
                                 eps=args.phased_ttt_eps, weight_decay=args.phased_ttt_wd)
-        for batch in batches:
-            left = adapt_document_batch(model, ev, batch, adapter_params, initial, opt, args, budget, left, token_losses)
+        for index, batch in enumerate(batches):
+            adapt_document_batch(model, ev, batch, adapters, opt, args, budget, tokens_after(phase, index), token_losses)
             done += 1
             if time.perf_counter() - last_log > 30:
                 last_log = time.perf_counter()
                 log_progress(rt, "phased_ttt", done, total, t0)
         detach_document_adapters(model)
-        if k >= args.phased_ttt_num_phases or segment[-1] == docs[-1]:
+        if phase >= args.phased_ttt_num_phases or segment[-1] == docs[-1]:
             continue
         segment_tokens = (segment[-1][1] - segment[0][0]) * args.ttt_epochs
-        need = budget.seconds("score", left) + budget.seconds("base", segment_tokens)
-        if budget.allows(need, f"phase:{k}/{args.phased_ttt_num_phases}"):
+        need = budget.seconds("score", tokens_after(phase, len(batches))) + budget.seconds("base", segment_tokens)
+        if budget.allows(need, f"phase:{phase}/{args.phased_ttt_num_phases}"):
             with budget.timed("base", None, segment_tokens):
                 train_base_on_segment(model, ev, segment, base_opt, args)
             phases_trained += 1
-    rt.log(f"phased_ttt docs:{len(docs)} chunk_tokens:{C} global_phases_trained:{phases_trained}")
+    rt.log(f"phased_ttt docs:{len(docs)} chunk_tokens:{chunk_tokens} global_phases_trained:{phases_trained}")
     return ev.result(t0)
 
 
