@@ -7,6 +7,7 @@ Every knob is an environment variable (see KNOBS). Runs as `python train_gpt.py`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fcntl
 import glob
@@ -193,10 +194,15 @@ KNOBS = [
     K("TTT_LAST_K", 2, int, "layers trained by TTT_PARAMS=last_k", 1),
     K("TTT_BATCH_SEQS", 16, int, "sequences per TTT step (all ranks)", 1),
     K("PHASED_TTT_ENABLED", 0, bool, "document TTT with fresh LoRA adapters per document (final_phased_ttt, then the run's score)"),
-    K("PHASED_TTT_CHUNK_TOKENS", 64, int, "targets of a document scored, then trained on, per adapter step (at most EVAL_SEQ_LEN)", 1),
-    K("PHASED_TTT_LR", 0.01, float, "Adam learning rate of the per-document adapters", 0.0),
-    K("PHASED_TTT_LORA_RANK", 8, int, "rank of the per-document LoRA adapters", 1),
-    K("PHASED_TTT_DOCS_PER_BATCH", 32, int, "documents adapted in parallel, each with its own adapters", 1),
+    K("PHASED_TTT_CHUNK_TOKENS", 48, int, "targets of a document scored, then trained on, per adapter step (at most EVAL_SEQ_LEN)", 1),
+    K("PHASED_TTT_LR", 1e-4, float, "AdamW learning rate of the per-document adapters", 0.0),
+    K("PHASED_TTT_BETA1", 0.0, float, "AdamW beta1 of the per-document adapters", 0.0),
+    K("PHASED_TTT_BETA2", 0.99, float, "AdamW beta2 of the per-document adapters", 0.0),
+    K("PHASED_TTT_EPS", 1e-10, float, "AdamW epsilon of the per-document adapters", 0.0),
+    K("PHASED_TTT_WD", 0.5, float, "AdamW weight decay of the per-document adapters", 0.0),
+    K("PHASED_TTT_LORA_RANK", 80, int, "rank of the per-document LoRA adapters (q/k/v/o, MLP and lm_head)", 1),
+    K("PHASED_TTT_LORA_ALPHA", 80.0, float, "adapter output scale alpha/rank", 0.0),
+    K("PHASED_TTT_DOCS_PER_BATCH", 64, int, "documents adapted in parallel, each with its own adapters", 1),
     K("PHASED_TTT_NUM_PHASES", 0, int, "global phases: SGD (TTT_LR) on all weights over each scored 1/N of the prefix (0: off)", 0),
     K("PHASED_TTT_PREFIX_DOCS", 2000, int, "leading documents the global phases are spread over", 0),
 ]
@@ -781,19 +787,22 @@ class Embedding(QuantWeight):
 
 
 class LoRA(nn.Module):
-    """Low-rank adapter added to a CastedLinear during test-time training. With batch > 0 every
-    row of the input batch has its own adapter: A (batch, rank, in), B (batch, out, rank), all rows
-    starting equal, so a row's result does not depend on its position in the batch."""
+    """Low-rank adapter added to a linear map during test-time training, its output scaled by
+    `scale` (alpha/rank). With batch > 0 every row of the input batch has its own adapter: A (batch,
+    rank, in), B (batch, out, rank), all rows starting equal, so a row's result does not depend on
+    its position in the batch; an input of n < batch rows uses the first n adapters."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, device, batch: int = 0):
+    def __init__(self, in_features: int, out_features: int, rank: int, device, batch: int = 0, scale: float = 1.0):
         super().__init__()
         lead = (batch,) if batch else ()
         a = torch.randn(rank, in_features, device=device) / math.sqrt(in_features)
         self.a = nn.Parameter(a.repeat(*lead, 1, 1))
         self.b = nn.Parameter(torch.zeros(*lead, out_features, rank, device=device))
+        self.scale = scale
 
     def forward(self, x: Tensor) -> Tensor:
-        return x @ self.a.mT.to(x.dtype) @ self.b.mT.to(x.dtype)
+        a, b = (self.a, self.b) if self.a.dim() == 2 else (self.a[:x.size(0)], self.b[:x.size(0)])
+        return x @ a.mT.to(x.dtype) @ (b.mT * self.scale).to(x.dtype)
 
 
 class Rotary(nn.Module):
@@ -1016,6 +1025,7 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(self.n_enc, dim)) if self.n_enc else None
         self.skip_gates = nn.Parameter(torch.zeros(self.n_enc, dim)) if self.n_enc else None
         self.lm_head = None if args.tie_embeddings else CastedLinear(dim, V, zero_init=True)
+        self.head_lora: LoRA | None = None  # phased TTT's per-document output adapter
         self.looping = False
         for m in self.modules():
             if isinstance(m, CastedLinear):
@@ -1051,7 +1061,8 @@ class GPT(nn.Module):
 
     def logits(self, h: Tensor) -> Tensor:
         w = self.tok_emb.qweight() if self.lm_head is None else self.lm_head.qweight()
-        logits = F.linear(h, w.to(h.dtype)).float()
+        logits = F.linear(h, w.to(h.dtype))
+        logits = (logits if self.head_lora is None else logits + self.head_lora(h)).float()
         cap = self.args.logit_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
 
@@ -1885,33 +1896,78 @@ def ttt_parameters(model: GPT, args: Hyperparameters) -> list[nn.Parameter]:
     return params
 
 
-def ttt_train_chunk(model: GPT, nll_fn, tokens: Tensor, a: int, b: int, params, opt, args, rt):
-    """One pass over targets a..b (all already scored): sequences split across ranks, gradients
-    summed and normalised by the global token count so every world size takes the same step."""
-    L = args.eval_seq_len
-    seqs = [(s, min(s + L, b)) for s in range(a - 1, b, L)]
-    for i in range(0, len(seqs), args.ttt_batch_seqs):
-        group = seqs[i:i + args.ttt_batch_seqs]
-        n_global = sum(e - s for s, e in group)
-        mine = group[rt.rank::rt.world_size]
-        opt.zero_grad(set_to_none=False)
-        if mine:
-            x = torch.zeros(len(mine), L, dtype=torch.long)
-            y = torch.zeros_like(x)
-            mask = torch.zeros(len(mine), L)
-            for r, (s, e) in enumerate(mine):
-                x[r, :e - s], y[r, :e - s], mask[r, :e - s] = tokens[s:e], tokens[s + 1:e + 1], 1
-            x, y, mask = x.to(rt.device), y.to(rt.device), mask.to(rt.device)
+class TimeBudget:
+    """A wallclock budget: its start and limit, rates (seconds per unit of work) per kind measured
+    from timed calls, leaving out each (kind, shape)'s first call because it may compile, a check
+    that all ranks can agree on, and one stop line. A kind not yet measured predicts no time. The
+    evaluation's TTTs use it; nothing in it is specific to them, so a training loop could too."""
+
+    def __init__(self, rt: Runtime, start: float, limit_s: float, label: str):
+        self.rt, self.start, self.limit_s, self.label = rt, start, limit_s, label
+        self.measured: dict[str, list[float]] = {}  # kind -> [seconds, units]
+        self.first_calls: set = set()
+        self.stopped = False
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    @contextlib.contextmanager
+    def timed(self, kind: str, shape, units: float):
+        started = time.perf_counter()
+        yield
+        self.rt.sync()
+        if (kind, shape) in self.first_calls:
+            spent = self.measured.setdefault(kind, [0.0, 0.0])
+            spent[0] += time.perf_counter() - started
+            spent[1] += units
+        self.first_calls.add((kind, shape))
+
+    def seconds(self, kind: str, units: float) -> float:
+        spent, done = self.measured.get(kind, (0.0, 0.0))
+        return spent / done * units if done else 0.0
+
+    def allows(self, need_s: float, at: str, all_ranks: bool = True) -> bool:
+        """Whether need_s more seconds fit. With all_ranks every rank calls it at the same point and
+        all get the same answer; once refused (here or on any rank), always refused."""
+        over = self.stopped or self.elapsed() + need_s > self.limit_s
+        if all_ranks:
+            over = bool(self.rt.all_reduce(torch.tensor(float(over), device=self.rt.device), dist.ReduceOp.MAX).item())
+        if over and not self.stopped:
+            self.stopped = True
+            self.rt.log(f"ttt_stopped_adapting phase:{self.label} at:{at} reason:eval_budget "
+                        f"elapsed_s:{self.elapsed():.1f} limit_s:{self.limit_s:.0f}")
+        return not over
+
+
+def ttt_train_chunk(model: GPT, nll_fn, tokens: Tensor, first: int, last: int, params, opt, args, rt):
+    """One pass over targets first..last (all already scored), TTT_BATCH_SEQS sequences per step,
+    split across ranks. Every sequence gets its own backward at one shape (1, EVAL_SEQ_LEN), so one
+    graph serves all steps; its fp32 gradient is added in float64 and all-reduced in float64, where
+    the sum of a few fp32 terms is exact or nearly, so the step does not depend on which rank
+    computed what: 1 and N ranks take the same step."""
+    seq_len, device = args.eval_seq_len, rt.device
+    seqs = [(start, min(start + seq_len, last)) for start in range(first - 1, last, seq_len)]
+    grad_sums = [torch.zeros_like(param, dtype=torch.float64) for param in params]
+    for group_start in range(0, len(seqs), args.ttt_batch_seqs):
+        group = seqs[group_start:group_start + args.ttt_batch_seqs]
+        for start, end in group[rt.rank::rt.world_size]:
+            inputs, targets = torch.zeros(1, seq_len, dtype=torch.long), torch.zeros(1, seq_len, dtype=torch.long)
+            mask = torch.zeros(1, seq_len)
+            inputs[0, :end - start], targets[0, :end - start], mask[0, :end - start] = tokens[start:end], tokens[start + 1:end + 1], 1
             with rt.autocast_ctx():
-                loss = (nll_fn(x, y) * mask).sum() / n_global
-            loss.backward()
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            rt.all_reduce(p.grad)
+                (nll_fn(inputs.to(device), targets.to(device)) * mask.to(device)).sum().backward()
+            for grad_sum, param in zip(grad_sums, params):
+                if param.grad is not None:
+                    grad_sum += param.grad
+                    param.grad = None
+        group_targets = sum(end - start for start, end in group)
+        for grad_sum, param in zip(grad_sums, params):
+            param.grad = (rt.all_reduce(grad_sum) / group_targets).to(param.dtype)
+            grad_sum.zero_()
         if args.ttt_grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, args.ttt_grad_clip)
         opt.step()
+        opt.zero_grad(set_to_none=True)
 
 
 def evaluate_ttt(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args: Hyperparameters, rt: Runtime, eval_t0: float,
@@ -1919,44 +1975,35 @@ def evaluate_ttt(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args: Hyperp
     """Score-first TTT: each chunk is scored with the current weights (its losses are final), then
     trained on; the last chunk is never trained on. When the eval budget would be overrun, adapting
     stops and the remaining chunks are only scored."""
-    t0 = time.perf_counter()
+    t0 = last_log = time.perf_counter()
     ev = Evaluator(model, val_tokens, val_bytes, args, rt)
     params = ttt_parameters(model, args)
-    nll_fn = torch.compile(model.token_nll) if rt.compile else model.token_nll
     if args.ttt_optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
     else:
         opt = torch.optim.AdamW(params, lr=args.ttt_lr, betas=(args.ttt_momentum, 0.999), weight_decay=0.0)
-    last = val_tokens.numel() - 1
+    budget = TimeBudget(rt, eval_t0, args.eval_max_seconds, "ttt")
+    final_target = val_tokens.numel() - 1
     stride = args.eval_stride or args.eval_seq_len
-    chunks = [(a, min(a + args.ttt_chunk_tokens - 1, last)) for a in range(1, last + 1, args.ttt_chunk_tokens)]
-    adapting, score_s, train_s = True, [], []
-    for ci, (a, b) in enumerate(chunks):
-        ts = time.perf_counter()
+    chunks = [(first, min(first + args.ttt_chunk_tokens - 1, final_target))
+              for first in range(1, final_target + 1, args.ttt_chunk_tokens)]
+    for index, (first, last) in enumerate(chunks):
         model.eval()
-        ev.score(plan_windows(a, b, args.eval_seq_len, stride), args.eval_batch_seqs, token_losses=token_losses)
-        score_s.append(time.perf_counter() - ts)
-        if ci == len(chunks) - 1 or not adapting:
+        with budget.timed("score", last - first, last - first + 1):
+            ev.score(plan_windows(first, last, args.eval_seq_len, stride), args.eval_batch_seqs, token_losses=token_losses)
+        trained = (last - first + 1) * args.ttt_epochs
+        need = budget.seconds("score", final_target - last) + budget.seconds("train", trained)
+        if index == len(chunks) - 1 or not budget.allows(need, f"chunk:{index}/{len(chunks)}"):
             continue
-        # Time to score every remaining chunk plus train this one; chunk 0 (which may include
-        # compilation) is left out of the per-chunk averages once a later chunk has been timed.
-        avg = lambda ts_: sum(ts_[1:]) / (len(ts_) - 1) if len(ts_) > 1 else ts_[0]
-        need = (len(chunks) - ci - 1) * avg(score_s) + (avg(train_s) if train_s else 0.0) if ci else 0.0
-        over = torch.tensor(float(time.perf_counter() - eval_t0 + need > args.eval_max_seconds), device=rt.device)
-        if rt.all_reduce(over, dist.ReduceOp.MAX).item():
-            adapting = False
-            rt.log(f"ttt_stopped_adapting chunk:{ci}/{len(chunks)} reason:eval_budget "
-                   f"elapsed_s:{time.perf_counter() - eval_t0:.1f} limit_s:{args.eval_max_seconds:.0f}")
-            continue
-        ts = time.perf_counter()
         model.train()
-        for g in opt.param_groups:
-            g["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / (len(chunks) - 1)))
-        for _ in range(args.ttt_epochs):
-            ttt_train_chunk(model, nll_fn, val_tokens, a, b, params, opt, args, rt)
-        train_s.append(time.perf_counter() - ts)
-        if (ci + 1) % max(1, len(chunks) // 10) == 0:
-            log_progress(rt, "ttt", ci + 1, len(chunks), t0)
+        for group in opt.param_groups:
+            group["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * index / (len(chunks) - 1)))
+        with budget.timed("train", last - first, trained):
+            for _ in range(args.ttt_epochs):
+                ttt_train_chunk(model, ev.nll_fn, val_tokens, first, last, params, opt, args, rt)
+        if time.perf_counter() - last_log > 30:
+            last_log = time.perf_counter()
+            log_progress(rt, "ttt", index + 1, len(chunks), t0)
     model.eval()
     return ev.result(t0)
 
@@ -1969,110 +2016,154 @@ def document_spans(tokens: Tensor) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def document_forward_tokens(doc: tuple[int, int], chunk_tokens: int, seq_len: int, from_chunk: int = 0) -> int:
+    """Tokens a document feeds forward when scored chunk by chunk from chunk `from_chunk` on: the
+    window of chunk c ends at the chunk's last target and holds at most seq_len tokens. The unit
+    of phased TTT's cost."""
+    chunks = -(-(doc[1] - doc[0]) // chunk_tokens)
+    return sum(min(seq_len, (chunk + 1) * chunk_tokens) for chunk in range(from_chunk, chunks))
+
+
+def plan_phased_ttt(docs: list[tuple[int, int]], args: Hyperparameters, rt: Runtime) -> list[tuple[list, list]]:
+    """Segments (documents, this rank's batches of them): one per global phase, then the rest. In a
+    segment, documents of similar length share a batch, longest row first, so rows finish together
+    and the unfinished rows of a batch are always a prefix. The batches are the same on every world
+    size; each goes to the least loaded rank, costliest first, and a rank alternates its long and
+    short batches so that the budget's rates and the ETA see typical batches from the start."""
+    seq_len, per_batch = args.eval_seq_len, args.phased_ttt_docs_per_batch
+    chunk_tokens, phases = min(args.phased_ttt_chunk_tokens, seq_len), args.phased_ttt_num_phases
+    prefix = min(args.phased_ttt_prefix_docs, len(docs)) if phases else 0
+    bounds = sorted({0, len(docs)} | {prefix * phase // max(phases, 1) for phase in range(1, phases + 1)})
+    plan = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        longest_first = sorted(docs[lo:hi], key=lambda doc: doc[0] - doc[1])
+        batches = [longest_first[i:i + per_batch] for i in range(0, len(longest_first), per_batch)]
+        cost = [sum(document_forward_tokens(doc, chunk_tokens, seq_len) for doc in batch) for batch in batches]
+        load, mine = [0] * rt.world_size, []
+        for costliest in sorted(range(len(batches)), key=lambda i: -cost[i]):
+            rank = load.index(min(load))
+            load[rank] += cost[costliest]
+            if rank == rt.rank:
+                mine.append(batches[costliest])
+        alternating = [mine[i // 2] if i % 2 == 0 else mine[-1 - i // 2] for i in range(len(mine))]
+        plan.append((docs[lo:hi], alternating))
+    return plan
+
+
+def attach_document_adapters(model: GPT, args: Hyperparameters) -> list[nn.Parameter]:
+    """Fresh per-document LoRA adapters (one per batch row) on q/k/v/o and both MLP matrices of
+    every block and on the output head, the same on every rank. Returns their parameters."""
+    torch.manual_seed(args.seed)
+    rank, rows = args.phased_ttt_lora_rank, args.phased_ttt_docs_per_batch
+    scale = args.phased_ttt_lora_alpha / rank
+    for module in model.blocks.modules():
+        if isinstance(module, CastedLinear):
+            module.lora = LoRA(module.weight.size(1), module.weight.size(0), rank, module.weight.device, rows, scale)
+    model.head_lora = LoRA(args.model_dim, args.vocab_size, rank, model.tok_emb.weight.device, rows, scale)
+    return [param for module in model.modules() if isinstance(module, LoRA) for param in module.parameters()]
+
+
+def detach_document_adapters(model: GPT):
+    for module in model.blocks.modules():
+        if isinstance(module, CastedLinear):
+            module.lora = None
+    model.head_lora = None
+
+
+def score_then_adapt_chunk(model: GPT, ev: Evaluator, batch: list, chunk: int, adapt: bool, opt, args,
+                           budget: TimeBudget, token_losses: Tensor | None):
+    """Chunk `chunk` of every document in `batch` that still has one (a prefix of the rows: the
+    finished rows are not computed): scored with the adapters as they are and recorded (final),
+    then, when adapt, one optimizer step on exactly those targets."""
+    seq_len, chunk_tokens = args.eval_seq_len, min(args.phased_ttt_chunk_tokens, args.eval_seq_len)
+    chunk_end = (chunk + 1) * chunk_tokens
+    windows = [(start + max(0, min(chunk_end, end - start) - seq_len), start + min(chunk_end, end - start),
+                start + chunk * chunk_tokens + 1) for start, end in batch if end - start > chunk * chunk_tokens]
+    forwarded = len(windows) * min(seq_len, chunk_end)
+    with budget.timed("score", None, forwarded):
+        inputs, targets, mask = ev.batch(windows, min(seq_len, chunk_end))
+        with torch.set_grad_enabled(adapt), ev.rt.autocast_ctx():
+            nll = model.token_nll(inputs, targets)
+        ev.record(windows, inputs, targets, mask, nll.detach().double(), token_losses)
+    if adapt:
+        with budget.timed("adapt", None, forwarded):
+            (nll[mask].sum() / chunk_tokens).backward()  # only this chunk's targets, all scored above
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+
+def adapt_document_batch(model: GPT, ev: Evaluator, batch: list, adapters: tuple[list, list], opt,
+                         args: Hyperparameters, budget: TimeBudget, later_tokens: int, token_losses: Tensor | None):
+    """Score every chunk of a batch's documents, resetting the adapters (params, initial values)
+    first and stepping them after each chunk but the last while the budget allows; later_tokens is
+    this rank's forward work after this batch."""
+    for param, initial in zip(*adapters):
+        param.data.copy_(initial)
+    opt.state.clear()
+    seq_len, chunk_tokens = args.eval_seq_len, min(args.phased_ttt_chunk_tokens, args.eval_seq_len)
+    chunks = -(-(batch[0][1] - batch[0][0]) // chunk_tokens)
+    for chunk in range(chunks):
+        batch_left = sum(document_forward_tokens(doc, chunk_tokens, seq_len, chunk) for doc in batch)
+        this_chunk = batch_left - sum(document_forward_tokens(doc, chunk_tokens, seq_len, chunk + 1) for doc in batch)
+        need = budget.seconds("score", later_tokens + batch_left) + budget.seconds("adapt", this_chunk)
+        adapt = chunk < chunks - 1 and budget.allows(need, f"chunk:{chunk}", all_ranks=False)
+        score_then_adapt_chunk(model, ev, batch, chunk, adapt, opt, args, budget, token_losses)
+
+
+def train_base_on_segment(model: GPT, ev: Evaluator, segment: list, opt, args: Hyperparameters):
+    """A global phase: SGD on all base weights over a segment of documents every rank has scored."""
+    base = list(model.parameters())
+    for param in base:
+        param.requires_grad_(True)
+    for _ in range(args.ttt_epochs):
+        ttt_train_chunk(model, model.token_nll, ev.tokens, segment[0][0] + 1, segment[-1][1], base, opt, args, ev.rt)
+    for param in base:
+        param.requires_grad_(False)
+
+
 def evaluate_phased_ttt(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args: Hyperparameters, rt: Runtime, eval_t0: float,
                         token_losses: Tensor | None = None) -> EvalResult:
     """Document TTT. Each batch row is one document with its own LoRA adapters, reset for every
-    batch. Step c scores chunk c of every document in one forward (context: the document's earlier
-    tokens, at most EVAL_SEQ_LEN) and records the losses; only then does Adam step on that chunk's
-    targets. With global phases the first PREFIX_DOCS documents form NUM_PHASES segments; once a
-    segment is scored on all ranks, SGD trains the base weights on it. Within a segment documents
-    go longest first (less padding) and batches are split across ranks. When the eval budget would
-    be overrun, adapting stops and the rest is only scored."""
+    batch; chunk by chunk a document is scored (context: its earlier tokens, at most EVAL_SEQ_LEN),
+    then AdamW steps on that chunk's targets. With global phases the first PREFIX_DOCS documents
+    form NUM_PHASES segments; once a segment is scored on all ranks, SGD trains the base weights on
+    it. Runs eagerly: its (rows, window) shapes vary too much for compiled graphs. When the eval
+    budget would be overrun, adapting stops and the rest is only scored."""
     t0 = last_log = time.perf_counter()
     ev = Evaluator(model, val_tokens, val_bytes, args, rt)
-    L, B = args.eval_seq_len, args.phased_ttt_docs_per_batch
-    C = min(args.phased_ttt_chunk_tokens, L)
+    budget = TimeBudget(rt, eval_t0, args.eval_max_seconds, "phased_ttt")
+    docs = document_spans(val_tokens)
+    plan = plan_phased_ttt(docs, args, rt)
+    chunk_tokens = min(args.phased_ttt_chunk_tokens, args.eval_seq_len)
+    batch_tokens = [[sum(document_forward_tokens(doc, chunk_tokens, args.eval_seq_len) for doc in batch) for batch in batches]
+                    for _, batches in plan]
+    tokens_after = lambda segment, batch: sum(batch_tokens[segment][batch + 1:]) + sum(map(sum, batch_tokens[segment + 1:]))
     base = list(model.parameters())
-    for p in base:
-        p.requires_grad_(False)
-    mats = [m for m in model.blocks.modules() if isinstance(m, CastedLinear)]
-    torch.manual_seed(args.seed)  # the same adapter init on every rank
-    loras = [LoRA(m.weight.size(1), m.weight.size(0), args.phased_ttt_lora_rank, m.weight.device, B) for m in mats]
-    lora_params = [p for lo in loras for p in lo.parameters()]
-    init = [p.detach().clone() for p in lora_params]
-    opt = torch.optim.Adam(lora_params, lr=args.phased_ttt_lr)
-    gopt = torch.optim.SGD(base, lr=args.ttt_lr, momentum=args.ttt_momentum)
-    docs, P = document_spans(val_tokens), args.phased_ttt_num_phases
-    prefix = min(args.phased_ttt_prefix_docs, len(docs)) if P else 0
-    bounds = sorted({0, len(docs)} | {prefix * k // max(P, 1) for k in range(1, P + 1)})
-    plan = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        seg = sorted(docs[lo:hi], key=lambda d: d[0] - d[1])
-        plan.append((lo, hi, [seg[i:i + B] for i in range(0, len(seg), B)][rt.rank::rt.world_size]))
-    steps = lambda batch: -(-max(e - s for s, e in batch) // C)
-    left = sum(B * min(L, (c + 1) * C) for _, _, mine in plan for bt in mine for c in range(steps(bt)))
-    spent, seen = dict(score=[0.0, 0], train=[0.0, 0]), set()  # seconds and batch tokens; shapes timed
-
-    def tick(kind: str, since: float, shape: tuple) -> float:
-        """Time a step's part, except a shape's first step (it may include compilation)."""
-        rt.sync()
-        now = time.perf_counter()
-        if shape in seen:
-            spent[kind][0] += now - since
-            spent[kind][1] += shape[0] * B
-        return now
-
-    rate = lambda k: spent[k][0] / max(spent[k][1], 1)
-    over = lambda need: time.perf_counter() - eval_t0 + need > args.eval_max_seconds
-    stop = lambda at: rt.log(f"ttt_stopped_adapting phased_ttt at:{at} reason:eval_budget "
-                             f"elapsed_s:{time.perf_counter() - eval_t0:.1f} limit_s:{args.eval_max_seconds:.0f}")
-    adapting, phases, done, total = True, 0, 0, sum(len(mine) for _, _, mine in plan)
-    for lo, hi, mine in plan:
-        for m, lora in zip(mats, loras):
-            m.lora = lora
-        for batch in mine:
-            for p, p0 in zip(lora_params, init):
-                p.data.copy_(p0)
-            opt.state.clear()
-            n = steps(batch)
-            for c in range(n):
-                T = min(L, (c + 1) * C)
-                if adapting and c < n - 1 and over(left * rate("score") + B * T * rate("train")):
-                    adapting = False
-                    stop(f"batch:{done}/{total}")
-                train = adapting and c < n - 1
-                windows = []
-                for s, e in batch + [(0, 0)] * (B - len(batch)):  # padding rows score nothing
-                    b = min((c + 1) * C, e - s)
-                    windows.append((s + max(0, b - L), s + b, s + c * C + 1) if b > c * C else (0, 1, 2))
-                ts = time.perf_counter()
-                x, y, mask = ev.batch(windows, T)
-                with torch.set_grad_enabled(train), rt.autocast_ctx():
-                    nll = ev.nll_fn(x, y)
-                ev.record(windows, x, y, mask, nll.detach().double(), token_losses)  # final before any update
-                tm = tick("score", ts, (T, train))
-                left -= B * T
-                if train:
-                    (nll[mask].sum() / C).backward()  # only this chunk's targets, all scored above
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    tick("train", tm, (T, train))
-                seen.add((T, train))
+    for param in base:
+        param.requires_grad_(False)
+    base_opt = torch.optim.SGD(base, lr=args.ttt_lr, momentum=args.ttt_momentum)
+    done, total, phases_trained = 0, sum(map(len, batch_tokens)), 0
+    for phase, (segment, batches) in enumerate(plan):
+        adapter_params = attach_document_adapters(model, args)
+        adapters = (adapter_params, [param.detach().clone() for param in adapter_params])
+        opt = torch.optim.AdamW(adapter_params, lr=args.phased_ttt_lr, betas=(args.phased_ttt_beta1, args.phased_ttt_beta2),
+                                eps=args.phased_ttt_eps, weight_decay=args.phased_ttt_wd)
+        for index, batch in enumerate(batches):
+            adapt_document_batch(model, ev, batch, adapters, opt, args, budget, tokens_after(phase, index), token_losses)
             done += 1
             if time.perf_counter() - last_log > 30:
                 last_log = time.perf_counter()
                 log_progress(rt, "phased_ttt", done, total, t0)
-        if hi > prefix or hi == len(docs):
+        detach_document_adapters(model)
+        if phase >= args.phased_ttt_num_phases or segment[-1] == docs[-1]:
             continue
-        a, b = docs[lo][0] + 1, docs[hi - 1][1]
-        need = left * rate("score") + (b - a + 1) * args.ttt_epochs / rt.world_size * (rate("score") + rate("train"))
-        if rt.all_reduce(torch.tensor(float(not adapting or over(need)), device=rt.device), dist.ReduceOp.MAX).item():
-            if adapting:
-                stop(f"phase:{phases}/{P}")
-            adapting = False
-            continue
-        for m in mats:
-            m.lora = None
-        for p in base:
-            p.requires_grad_(True)
-        for _ in range(args.ttt_epochs):
-            ttt_train_chunk(model, ev.nll_fn, val_tokens, a, b, base, gopt, args, rt)
-        for p in base:
-            p.requires_grad_(False)
-        phases += 1
-    for m in mats:
-        m.lora = None
-    rt.log(f"phased_ttt docs:{len(docs)} chunk_tokens:{C} global_phases_trained:{phases}")
+        segment_tokens = (segment[-1][1] - segment[0][0]) * args.ttt_epochs
+        need = budget.seconds("score", tokens_after(phase, len(batches))) + budget.seconds("base", segment_tokens)
+        if budget.allows(need, f"phase:{phase}/{args.phased_ttt_num_phases}"):
+            with budget.timed("base", None, segment_tokens):
+                train_base_on_segment(model, ev, segment, base_opt, args)
+            phases_trained += 1
+    rt.log(f"phased_ttt docs:{len(docs)} chunk_tokens:{chunk_tokens} global_phases_trained:{phases_trained}")
     return ev.result(t0)
 
 
@@ -2181,8 +2272,9 @@ def grad_accum_steps(args: Hyperparameters, rt: Runtime) -> int:
 
 
 def prime_compile(model: GPT, model_fn, args: Hyperparameters, rt: Runtime, loader: TrainLoader):
-    """Run WARMUP_STEPS real steps so compilation (of both the plain and the looped graph) happens
-    before the clock starts, then restore the initial weights; optimizers are rebuilt by the caller."""
+    """Compile, before the clock starts, every graph the run will use: WARMUP_STEPS real steps
+    (plain, then looped), then with COMPILE the evaluation graphs at their real shapes, then restore
+    the initial weights; optimizers are rebuilt by the caller."""
     if args.warmup_steps == 0:
         return
     t0 = time.perf_counter()
@@ -2195,6 +2287,35 @@ def prime_compile(model: GPT, model_fn, args: Hyperparameters, rt: Runtime, load
     model.looping = False
     rt.sync()
     rt.log(f"warmup steps:{args.warmup_steps} ms:{1000 * (time.perf_counter() - t0):.0f} (compile priming, weights restored)")
+    if rt.compile:
+        prime_eval_graphs(model, args, rt)
+
+
+def prime_eval_graphs(model: GPT, args: Hyperparameters, rt: Runtime):
+    """Run each compiled evaluation once on a dummy stream, at the shapes of the real one: the
+    training model's evaluation (periodic validation, final_prequant) in each layer order it may
+    have, then, on a fresh model built like the artifact's (no fake-quantizers, the final layer
+    order), the standard/sliding evaluation and chunk TTT's scoring and training step. Phased TTT
+    runs eagerly and compiles nothing. Each line gives a first call's time (compile + one run)."""
+    dummy = torch.arange(max(2 * args.eval_seq_len, args.ttt_chunk_tokens + 2) + 1) % args.vocab_size
+    dummy_bytes = torch.ones_like(dummy, dtype=torch.int32)
+    final_looping = args.num_loops > 1 and args.enable_looping_at < 1
+    artifact_like = GPT(args, model.blocks[0].attn.backend).to(rt.device)
+    artifact_like.looping = final_looping
+    calls = [(f"eval_training_model looping:{int(looping)}", model, looping, lambda m: evaluate(m, dummy, dummy_bytes, args, rt, args.eval_seq_len))
+             for looping in sorted({final_looping} | ({False, True} if args.val_loss_every and args.num_loops > 1 else set()))]
+    calls.append((f"eval_artifact_model looping:{int(final_looping)}", artifact_like, final_looping,
+                  lambda m: evaluate(m, dummy, dummy_bytes, args, rt, args.eval_seq_len)))
+    if args.ttt_enabled:
+        calls.append(("ttt_score_and_step", artifact_like, final_looping,
+                      lambda m: evaluate_ttt(m, dummy[:args.ttt_chunk_tokens + 2], dummy_bytes[:args.ttt_chunk_tokens + 2], args, rt, time.perf_counter())))
+    for name, target, looping, call in calls:
+        t0 = time.perf_counter()
+        target.looping = looping
+        call(target)
+        rt.sync()
+        rt.log(f"compile_warmup graph:{name} ms:{1000 * (time.perf_counter() - t0):.0f}")
+    model.looping = False
 
 
 class WallclockStop:

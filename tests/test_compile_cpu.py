@@ -1,16 +1,19 @@
-"""torch.compile on CPU (issue 4): a full tiny run with COMPILE=1 AUTOCAST=bf16 through the depth-recurrence
-switch, the late-QAT switch, sliding evaluation and TTT must recompile only where the design expects.
+"""torch.compile on CPU (issues 4 and 12): a full tiny run with COMPILE=1 AUTOCAST=bf16 through the
+depth-recurrence switch, the late-QAT switch, sliding evaluation and TTT compiles every graph before
+the training clock starts and recompiles only where the design expects.
 
-Expected recompilations (3), and why:
+Expected recompilations (3), all in the warm-up (prime_compile), and why:
   forward    x1  looping False -> True (`self.looping` guard): a different layer order is a different
-                 graph. prime_compile runs it during WARMUP_STEPS, before the "warmup steps:" line;
-                 the timed training loop (looping_enabled, late_qat_enabled) recompiles nothing: the
-                 late-QAT switch is a tensor (qat_alpha), not a Python attribute.
+                 graph, run during WARMUP_STEPS, before the "warmup steps:" line; the timed training
+                 loop (looping_enabled, late_qat_enabled) recompiles nothing: the late-QAT switch is
+                 a tensor (qat_alpha), not a Python attribute.
   token_nll  x1  the artifact model carries no fake-quantizers (`.qat` guard): its graph differs from
-                 the prequant model's.
-  token_nll  x1  TTT trains (grad_mode on) after scoring under no_grad.
+                 the training model's; warmed on a fresh model built like the artifact's.
+  token_nll  x1  TTT trains (grad_mode on) after scoring under no_grad; warmed by a TTT pass over a
+                 dummy stream.
 Evaluation batches all have EVAL_BATCH_SEQS rows (VAL_BATCH_SIZE is set to the same 32 sequences,
-the short last batch is padded), so standard, sliding and TTT scoring share one graph.
+the short last batch is padded) and every TTT backward is one sequence, so standard, sliding and TTT
+scoring share one graph and TTT training has one.
 
 The recompilation check runs dynamo with the "eager" backend (same tracing, guards and recompiles,
 no code generation: ~15 s). The same run through inductor took 210 s (inductor cache partly warm) to
@@ -72,8 +75,9 @@ def check_expected_recompilations(output):
     (f1, r1, at1), (f2, r2, at2), (f3, r3, at3) = found
     assert f1 == "forward" and "self.looping == False" in r1[0]
     assert at1 <= where("warmup steps:2 ")  # during compile priming, not in the timed loop
-    assert f2 == "token_nll" and ".qat" in r2[0] and where("artifact path:") < at2 <= where("final_roundtrip ")
-    assert f3 == "token_nll" and all("grad_mode" in r for r in r3) and where("final_sliding ") < at3 < where("final_ttt ")
+    assert f2 == "token_nll" and ".qat" in r2[0] and at2 <= where("compile_warmup graph:eval_artifact_model looping:1 ")
+    assert f3 == "token_nll" and all("grad_mode" in r for r in r3) and at3 <= where("compile_warmup graph:ttt_score_and_step ")
+    assert max(at1, at2, at3) < where("step:4/8 ")  # nothing recompiles once the training clock runs
     # the switches really happened inside the compiled training loop
     assert where("warmup steps:2 ") < where("looping_enabled step:4 ") < where("late_qat_enabled step:5 ")
     assert "cache_size_limit" not in output and "recompile_limit" not in output
@@ -129,3 +133,21 @@ def test_gptq_hessians_are_fp32_and_export_works_under_bf16_autocast():
     assert {str(h.dtype) for h in hessians.values()} == {"torch.float32"}
     qstate, errors = tg.quantize_model(model, args, hessians)
     assert len(errors) == 13
+
+
+def test_no_graph_is_compiled_after_training_starts(tmp_path, tiny_env):
+    """Issue 12: every dynamo compilation (each one prints a line, in order with the log) happens in
+    the warm-up, also with periodic validation in both layer orders, the artifact model's evaluation
+    and chunk TTT; each warm-up graph's time is logged."""
+    tiny_env.update(VAL_LOSS_EVERY="4")
+    out = compiled_run(tmp_path, tiny_env, "count", 600)
+    lines = [ln for ln in out.splitlines() if not ln.startswith(("config ", "V", " ", "\t"))]
+    compiled = [i for i, ln in enumerate(lines) if ln.startswith("dynamo_graph_compiled ")]
+    clock = next(i for i, ln in enumerate(lines) if ln.startswith("step:"))
+    assert len(compiled) >= 5 and max(compiled) < clock, [lines[i - 1] for i in compiled]
+    warmed = [ln.split(" ms:")[0] for ln in lines if ln.startswith("compile_warmup ")]
+    assert warmed == ["compile_warmup graph:eval_training_model looping:0", "compile_warmup graph:eval_training_model looping:1",
+                      "compile_warmup graph:eval_artifact_model looping:1", "compile_warmup graph:ttt_score_and_step"]
+    assert all(int(ln.split("ms:")[1]) > 0 for ln in lines if ln.startswith("compile_warmup "))
+    for label in ("step:4/8 val_loss", "step:8/8 val_loss", "final_prequant", "final_roundtrip", "final_sliding", "final_ttt"):
+        assert any(ln.startswith(label) for ln in lines[clock:]), label

@@ -173,7 +173,7 @@ def test_eval_only_reproduces_round_trip_on_one_and_two_ranks(tmp_path, tiny_env
 def test_ttt_stops_adapting_at_the_eval_budget_but_scores_every_token(tmp_path, tiny_env):
     tiny_env.update(TTT_ENABLED="1", TTT_CHUNK_TOKENS="256", EVAL_MAX_SECONDS="0.001")
     _, log = run_train(tiny_env, tmp_path)
-    assert "ttt_stopped_adapting chunk:0/" in log
+    assert "ttt_stopped_adapting phase:ttt at:chunk:0/" in log
     assert int(log_value(log, "final_ttt", "tokens")) == 3000
     assert log_value(log, "final_result", "val_loss") == log_value(log, "final_ttt", "val_loss")
 

@@ -26,7 +26,7 @@ def stream(lengths, seed=0, lead=5):
 
 def setup(**overrides):
     knobs = dict(PHASED_TTT_ENABLED=1, PHASED_TTT_CHUNK_TOKENS=16, EVAL_SEQ_LEN=48, PHASED_TTT_DOCS_PER_BATCH=3,
-                 PHASED_TTT_LR=0.05, TTT_LR=0.05)
+                 PHASED_TTT_LR=0.01, TTT_LR=0.05)
     args = make_args(**dict(knobs, **overrides))
     torch.manual_seed(0)
     return args, tg.GPT(args)
@@ -104,7 +104,8 @@ def test_zero_lr_equals_an_independent_document_local_evaluation(seq_len):
                    for a in range(1, e - s + 1, 16) for b in [min(a + 15, e - s)]]
         total, count = naive_window_nll(model, tokens, windows)
     assert r.tokens == count == len(tokens) - 1
-    assert r.nll == pytest.approx(total, rel=1e-6)
+    # batched rows against one forward per window: each loss within ~100 fp32 ulps, so is their sum
+    assert r.nll == pytest.approx(total, rel=1e-5)
 
 
 def test_adapters_learn_within_a_document():
@@ -123,7 +124,7 @@ def test_budget_guard_stops_adapting_but_scores_everything(tmp_path):
     tokens = stream(LENGTHS)
     args, model = setup(EVAL_MAX_SECONDS=1, PHASED_TTT_NUM_PHASES=2)
     r, out = run(model, args, tokens, rt, eval_t0=time.perf_counter() - 2)  # budget already spent
-    assert "ttt_stopped_adapting phased_ttt at:batch:0/" in log.read_text()
+    assert "ttt_stopped_adapting phase:phased_ttt at:chunk:0 " in log.read_text()
     assert "global_phases_trained:0" in log.read_text()
     assert r.tokens == len(tokens) - 1 and not torch.isnan(out[1:]).any()
     frozen, _ = run(model, setup(PHASED_TTT_LR=0, TTT_LR=0)[0], tokens)
@@ -142,5 +143,26 @@ def test_one_and_two_ranks_agree_and_phased_ttt_is_the_final_result(tmp_path, ti
     _, log2 = run_train(env, tmp_path, nproc=2)
     assert "final_ttt " in log2 and log_value(log2, "final_result", "label") == "final_phased_ttt"
     assert int(log_value(log2, "final_phased_ttt", "tokens")) == 3000
+    # Every document's rows and every TTT gradient are computed the same way on any world size and
+    # summed in float64 (exact or nearly for a few fp32 terms): equal to the printed 8 decimals.
     ref = float(log_value(log1, "final_phased_ttt", "val_loss"))
-    assert float(log_value(log2, "final_phased_ttt", "val_loss")) == pytest.approx(ref, abs=1e-6)
+    assert float(log_value(log2, "final_phased_ttt", "val_loss")) == pytest.approx(ref, abs=2e-8)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_default_recipe_beats_the_same_models_sliding_evaluation(autocast):
+    """Issue 12: with the default adapter recipe (only the shapes shrunk), phased TTT must score
+    better than sliding evaluation of the same model. Documents repeat a random 12-token pattern:
+    an untrained model cannot copy it from context, adapters can learn it. Everything is seeded, so
+    the gain (measured 0.02 nats fp32) is far above the 1e-6 that rounding can move a loss."""
+    g = torch.Generator().manual_seed(3)
+    docs = [torch.cat([torch.tensor([BOS]), torch.randint(2, 512, (12,), generator=g).repeat(8)]) for _ in range(8)]
+    tokens = torch.cat(docs + [torch.tensor([BOS])])
+    args = make_args(PHASED_TTT_ENABLED=1, PHASED_TTT_CHUNK_TOKENS=16, EVAL_SEQ_LEN=48)
+    torch.manual_seed(0)
+    model = tg.GPT(args)
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), autocast, False, None)
+    sliding = tg.evaluate(model, tokens, val_bytes(tokens), args, rt, 16)
+    phased, _ = run(model, args, tokens, rt)
+    assert phased.tokens == sliding.tokens == len(tokens) - 1
+    assert phased.val_loss < sliding.val_loss - 0.01
