@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import functools
 import glob
 import hashlib
 import itertools
@@ -125,12 +126,12 @@ KNOBS = [
     K("WARMDOWN_FRAC", 0.85, float, "LR warmdown as a fraction of training progress", 0.0),
     K("MIN_LR", 0.1, float, "LR floor at the end of warmdown, as a fraction of peak", 0.0),
     K("VAL_LOSS_EVERY", 0, int, "validate every N steps (0: only at the end)", 0),
-    K("VAL_BATCH_SIZE", 524288, int, "validation tokens per forward batch (all ranks)", 1),
+    K("VAL_BATCH_SIZE", 524288, int, "baseline name; here it only caps EVAL_BATCH_SEQS at VAL_BATCH_SIZE // (EVAL_SEQ_LEN * world_size)", 1),
     K("TRAIN_LOG_EVERY", 100, int, "log a step line every N steps", 1),
     # optimizers
     K("MATRIX_LR", 0.026, float, "Muon learning rate for 2-D weights", 0.0),
     K("SCALAR_LR", 0.02, float, "Adam learning rate for vectors and scalars", 0.0),
-    K("TIED_EMBED_LR", 0.03, float, "Adam learning rate for the (tied) embedding", 0.0),
+    K("TIED_EMBED_LR", 0.03, float, "AdamW learning rate of every embedding table: token (tied or not), BigramHash, value embeddings", 0.0),
     K("HEAD_LR", 0.008, float, "Adam learning rate for an untied output head", 0.0),
     K("MUON_MOMENTUM", 0.97, float, "Muon Nesterov momentum", 0.0),
     K("MUON_MOMENTUM_WARMUP_START", 0.85, float, "Muon momentum at step 0", 0.0),
@@ -139,7 +140,7 @@ KNOBS = [
     K("MUON_NS", "polar", ("ns5", "polar"), "Newton-Schulz 5 or Polar Express coefficients"),
     K("MUON_ROW_NORMALIZE", 1, bool, "normalise update rows before orthogonalising (MuonEq-R)"),
     K("MUON_WD", 0.095, float, "Muon decoupled weight decay", 0.0),
-    K("EMBED_WD", 0.085, float, "AdamW weight decay of the embedding", 0.0),
+    K("EMBED_WD", 0.085, float, "AdamW weight decay of the TIED_EMBED_LR group (every embedding table)", 0.0),
     K("ADAM_WD", 0.02, float, "AdamW weight decay of scalars and gates", 0.0),
     K("BETA1", 0.9, float, "Adam beta1", 0.0),
     K("BETA2", 0.99, float, "Adam beta2", 0.0),
@@ -167,7 +168,7 @@ KNOBS = [
     K("GPTQ_DAMP", 0.01, float, "GPTQ damping as a fraction of the mean Hessian diagonal", 0.0),
     K("GPTQ_BLOCK_SIZE", 128, int, "GPTQ column block size", 1),
     K("GPTQ_CALIBRATION", "train", ("train", "selfgen"), "calibration data: training batches or self-generated text"),
-    K("GPTQ_CALIBRATION_BATCHES", 16, int, "calibration micro-batches (of the global batch, split across ranks)", 1),
+    K("GPTQ_CALIBRATION_BATCHES", 16, int, "calibration micro-batches in all, split across ranks (train: of the global batch; selfgen: generated)", 1),
     K("LQER_RANK", 4, int, "rank of the low-rank quantization-error correction (0: off)", 0),
     K("LQER_TOP_K", 3, int, "tensors with the largest error that get LQER", 0),
     K("PACK_BITS", 0, bool, "bit-pack quantized values densely (smaller raw, but generic compressors do worse)"),
@@ -179,20 +180,20 @@ KNOBS = [
     K("EVAL_ONLY", "", str, "artifact to evaluate instead of training"),
     # evaluation
     K("EVAL_SEQ_LEN", 0, int, "evaluation window length (0: TRAIN_SEQ_LEN)", 0),
-    K("EVAL_STRIDE", 64, int, "sliding-window stride for final_sliding (0: no sliding eval)", 0),
-    K("EVAL_BATCH_SEQS", 32, int, "windows per evaluation forward per rank (also caps VAL_BATCH_SIZE)", 1),
+    K("EVAL_STRIDE", 64, int, "stride of final_sliding's windows and of chunk TTT's scoring windows (0: no final_sliding; TTT then scores whole windows)", 0),
+    K("EVAL_BATCH_SEQS", 32, int, "windows per evaluation forward per rank (capped by VAL_BATCH_SIZE)", 1),
     K("EVAL_MAX_SECONDS", 600.0, float, "time for everything after training; TTT stops adapting to stay inside", 0.0),
     K("TTT_ENABLED", 1, bool, "score-first test-time training (final_ttt)"),
     K("TTT_CHUNK_TOKENS", 32768, int, "tokens scored, then trained on, per TTT chunk", 2),
-    K("TTT_EPOCHS", 1, int, "passes over each chunk after scoring it", 1),
-    K("TTT_LR", 0.005, float, "TTT peak learning rate (cosine over chunks)", 0.0),
-    K("TTT_OPTIMIZER", "sgd", ("sgd", "adamw"), "TTT optimizer"),
-    K("TTT_MOMENTUM", 0.9, float, "TTT SGD momentum / AdamW beta1", 0.0),
-    K("TTT_GRAD_CLIP", 1.0, float, "TTT gradient-norm clip (0: off)", 0.0),
+    K("TTT_EPOCHS", 1, int, "passes over each chunk after scoring it (and over each segment in phased TTT's global phases)", 1),
+    K("TTT_LR", 0.005, float, "chunk TTT's peak learning rate (cosine over chunks); also the SGD rate of phased TTT's global phases", 0.0),
+    K("TTT_OPTIMIZER", "sgd", ("sgd", "adamw"), "chunk TTT's optimizer (phased TTT's global phases always use SGD)"),
+    K("TTT_MOMENTUM", 0.9, float, "TTT SGD momentum / AdamW beta1; also the momentum of phased TTT's global phases", 0.0),
+    K("TTT_GRAD_CLIP", 1.0, float, "TTT gradient-norm clip, chunk TTT and phased TTT's global phases (0: off)", 0.0),
     K("TTT_PARAMS", "all", ("all", "norms", "lora", "last_k"), "what TTT trains"),
     K("TTT_LORA_RANK", 8, int, "rank of TTT LoRA adapters", 1),
     K("TTT_LAST_K", 2, int, "layers trained by TTT_PARAMS=last_k", 1),
-    K("TTT_BATCH_SEQS", 16, int, "sequences per TTT step (all ranks)", 1),
+    K("TTT_BATCH_SEQS", 16, int, "sequences per TTT step, all ranks (chunk TTT and phased TTT's global phases)", 1),
     K("PHASED_TTT_ENABLED", 0, bool, "document TTT with fresh LoRA adapters per document (final_phased_ttt, then the run's score)"),
     K("PHASED_TTT_CHUNK_TOKENS", 48, int, "targets of a document scored, then trained on, per adapter step (at most EVAL_SEQ_LEN)", 1),
     K("PHASED_TTT_LR", 1e-4, float, "AdamW learning rate of the per-document adapters", 0.0),
@@ -390,6 +391,7 @@ class Runtime:
     log_path: str | None
     log_fd: int | None = None  # held open (and locked, see open_run_log) for the whole run
     log_failed: bool = False
+    host_group: object = None  # gloo group for host-side flags under NCCL (None: the default group)
 
     def __post_init__(self):
         if self.log_path and self.log_fd is None:
@@ -426,6 +428,14 @@ class Runtime:
             dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
         return t
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether flag is set on any rank, agreed through a host-side all-reduce: no device sync."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
+        return bool(t.item())
+
     def barrier(self):
         if self.world_size > 1:
             dist.barrier()
@@ -443,14 +453,16 @@ def setup_runtime(args: Hyperparameters) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
+    host_group = None
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        host_group = dist.new_group(backend="gloo") if device.type == "cuda" else None
     on_cuda = device.type == "cuda"
     use_autocast = on_cuda if args.autocast == "auto" else args.autocast == "bf16"
     use_compile = on_cuda if args.compile == "auto" else args.compile == "1"
     log_path = f"logs/{args.run_id}.txt" if rank == 0 else None
     log_fd = open_run_log(log_path, args.log_overwrite) if log_path else None
-    return Runtime(rank, world_size, local_rank, device, use_autocast, use_compile, log_path, log_fd)
+    return Runtime(rank, world_size, local_rank, device, use_autocast, use_compile, log_path, log_fd, host_group=host_group)
 
 
 def open_run_log(path: str, overwrite: bool) -> int:
@@ -488,19 +500,28 @@ def open_run_log(path: str, overwrite: bool) -> int:
     return fd
 
 
-def code_identity() -> tuple[str, int, str]:
+@dataclass
+class Code:
+    path: str
+    text: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.text)
+
+
+def read_code() -> Code:
+    """The file that runs (read once: the log's copy, its hash and bytes_code all come from it)."""
     path = os.path.abspath(__file__)
     with open(path, "rb") as f:
-        code = f.read()
-    return path, len(code), hashlib.sha256(code).hexdigest()
+        return Code(path, f.read())
 
 
-def log_run_header(rt: Runtime, args: Hyperparameters):
-    path, nbytes, digest = code_identity()
-    rt.log(f"code path:{path} bytes_code:{nbytes} code_sha256:{digest}")
+def log_run_header(rt: Runtime, args: Hyperparameters, code: Code):
+    path = code.path
+    rt.log(f"code path:{path} bytes_code:{code.nbytes} code_sha256:{hashlib.sha256(code.text).hexdigest()}")
     rt.log("code_begin", console=False)
-    with open(path, encoding="utf-8", errors="replace") as f:
-        rt.log(f.read().rstrip("\n"), console=False)
+    rt.log(code.text.decode("utf-8", errors="replace").rstrip("\n"), console=False)
     rt.log("code_end", console=False)
     nproc = int(os.environ.get("LOCAL_WORLD_SIZE", rt.world_size))
     rt.log(f"launch world_size:{rt.world_size} nproc_per_node:{nproc} script:{os.path.basename(path)}")
@@ -1897,19 +1918,26 @@ def ttt_parameters(model: GPT, args: Hyperparameters) -> list[nn.Parameter]:
 
 
 class TimeBudget:
-    """A wallclock budget: its start and limit, rates (seconds per unit of work) per kind measured
-    from timed calls, leaving out each (kind, shape)'s first call because it may compile, a check
-    that all ranks can agree on, and one stop line. A kind not yet measured predicts no time. The
-    evaluation's TTTs use it; nothing in it is specific to them, so a training loop could too."""
+    """A wallclock budget, the one training and every evaluation use: its start and limit, time left
+    out while paused (periodic validation), rates (seconds per unit of work) per kind measured from
+    timed calls, leaving out each (kind, shape)'s first call because it may compile, an answer all
+    ranks agree on without a device sync, and one stop line, stop_line(at, elapsed_s)."""
 
-    def __init__(self, rt: Runtime, start: float, limit_s: float, label: str):
-        self.rt, self.start, self.limit_s, self.label = rt, start, limit_s, label
+    def __init__(self, rt: Runtime, start: float, limit_s: float, stop_line):
+        self.rt, self.start, self.limit_s, self.stop_line = rt, start, limit_s, stop_line
         self.measured: dict[str, list[float]] = {}  # kind -> [seconds, units]
         self.first_calls: set = set()
-        self.stopped = False
+        self.stopped, self.paused_s, self.queued = False, 0.0, None
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.start
+        return time.perf_counter() - self.start - self.paused_s
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.rt.sync()
+        started = time.perf_counter()
+        yield
+        self.paused_s += time.perf_counter() - started
 
     @contextlib.contextmanager
     def timed(self, kind: str, shape, units: float):
@@ -1926,17 +1954,35 @@ class TimeBudget:
         spent, done = self.measured.get(kind, (0.0, 0.0))
         return spent / done * units if done else 0.0
 
-    def allows(self, need_s: float, at: str, all_ranks: bool = True) -> bool:
+    def pace(self):
+        """Call once a training step is queued: wait only for the step before it, so the host runs
+        at most one step ahead of the device and its clock lags by at most one step."""
+        if self.rt.device.type == "cuda":
+            done, self.queued = self.queued, torch.cuda.Event()
+            self.queued.record()
+            if done is not None:
+                done.synchronize()
+
+    def allows(self, need_s: float, at: str | None, all_ranks: bool = True) -> bool:
         """Whether need_s more seconds fit. With all_ranks every rank calls it at the same point and
-        all get the same answer; once refused (here or on any rank), always refused."""
-        over = self.stopped or self.elapsed() + need_s > self.limit_s
+        all get the same answer; once refused (here or on any rank), always refused. The first
+        refusal logs the stop line at `at` (None: the caller logs it)."""
+        elapsed = self.elapsed()
+        over = self.stopped or elapsed + need_s > self.limit_s
         if all_ranks:
-            over = bool(self.rt.all_reduce(torch.tensor(float(over), device=self.rt.device), dist.ReduceOp.MAX).item())
+            over = self.rt.any_rank(over)
         if over and not self.stopped:
             self.stopped = True
-            self.rt.log(f"ttt_stopped_adapting phase:{self.label} at:{at} reason:eval_budget "
-                        f"elapsed_s:{self.elapsed():.1f} limit_s:{self.limit_s:.0f}")
+            if at is not None:
+                self.rt.log(self.stop_line(at, elapsed))
         return not over
+
+
+def eval_budget(rt: Runtime, eval_t0: float, args: Hyperparameters, phase: str) -> TimeBudget:
+    """EVAL_MAX_SECONDS from eval_t0, for a TTT that stops adapting (and still scores) when it runs out."""
+    limit = args.eval_max_seconds
+    return TimeBudget(rt, eval_t0, limit, lambda at, elapsed: f"ttt_stopped_adapting phase:{phase} at:{at} "
+                                                              f"reason:eval_budget elapsed_s:{elapsed:.1f} limit_s:{limit:.0f}")
 
 
 def ttt_train_chunk(model: GPT, nll_fn, tokens: Tensor, first: int, last: int, params, opt, args, rt):
@@ -1982,7 +2028,7 @@ def evaluate_ttt(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args: Hyperp
         opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
     else:
         opt = torch.optim.AdamW(params, lr=args.ttt_lr, betas=(args.ttt_momentum, 0.999), weight_decay=0.0)
-    budget = TimeBudget(rt, eval_t0, args.eval_max_seconds, "ttt")
+    budget = eval_budget(rt, eval_t0, args, "ttt")
     final_target = val_tokens.numel() - 1
     stride = args.eval_stride or args.eval_seq_len
     chunks = [(first, min(first + args.ttt_chunk_tokens - 1, final_target))
@@ -2131,7 +2177,7 @@ def evaluate_phased_ttt(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args:
     budget would be overrun, adapting stops and the rest is only scored."""
     t0 = last_log = time.perf_counter()
     ev = Evaluator(model, val_tokens, val_bytes, args, rt)
-    budget = TimeBudget(rt, eval_t0, args.eval_max_seconds, "phased_ttt")
+    budget = eval_budget(rt, eval_t0, args, "phased_ttt")
     docs = document_spans(val_tokens)
     plan = plan_phased_ttt(docs, args, rt)
     chunk_tokens = min(args.phased_ttt_chunk_tokens, args.eval_seq_len)
@@ -2318,59 +2364,37 @@ def prime_eval_graphs(model: GPT, args: Hyperparameters, rt: Runtime):
     model.looping = False
 
 
-class WallclockStop:
-    """Whether the time budget is spent, decided without a device sync per step: the host waits only
-    for the previous step's completion event, so it runs at most one step ahead of the device and its
-    clock lags by at most one step; ranks agree by a host-side (gloo) MAX all-reduce of their flags,
-    so every rank stops after the same step."""
-
-    def __init__(self, rt: Runtime):
-        self.on_cuda, self.queued = rt.device.type == "cuda", None
-        self.group = None
-        if rt.world_size > 1:
-            self.group = dist.new_group(backend="gloo") if self.on_cuda else dist.group.WORLD
-
-    def pace(self):
-        """Call once a step is queued: wait for the step before it."""
-        if self.on_cuda:
-            done, self.queued = self.queued, torch.cuda.Event()
-            self.queued.record()
-            if done is not None:
-                done.synchronize()
-
-    def agreed(self, over: bool) -> bool:
-        if self.group is None:
-            return over
-        flag = torch.tensor([float(over)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
+@dataclass
+class TrainResult:
+    steps: int
+    train_ms: float  # the training loop's time, periodic validation left out
+    loader: TrainLoader  # where calibration continues: data the model has not seen
 
 
-def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | None, val_bytes: Tensor | None) -> dict:
+def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | None, val_bytes: Tensor | None) -> TrainResult:
     accum = grad_accum_steps(args, rt)
     model_fn = torch.compile(model) if rt.compile else model
     prime_compile(model, model_fn, args, rt, TrainLoader(args, rt, accum))
     loader = TrainLoader(args, rt, accum)
     opts = build_optimizers(model, args, rt)
     averager = WeightAverager(model, args)
-    stopper = WallclockStop(rt)
     qat_on = False
-    train_ms, step, step_ms = 0.0, 0, 0.0
-    budget_ms = (args.max_wallclock_seconds - args.gptq_reserve_seconds) * 1000 if args.max_wallclock_seconds > 0 else math.inf
+    step, step_ms = 0, 0.0
+    limit_s = args.max_wallclock_seconds - args.gptq_reserve_seconds if args.max_wallclock_seconds > 0 else math.inf
     rt.sync()
-    t0 = time.perf_counter()
+    budget = TimeBudget(rt, time.perf_counter(), limit_s,
+                        lambda at, elapsed: f"stopping_early: wallclock_cap train_time:{1000 * elapsed:.0f} step:{at}")
     while True:
         last = step == args.iterations
         if val_tokens is not None and args.val_loss_every and step > 0 and (last or step % args.val_loss_every == 0):
-            rt.sync()
-            train_ms += 1000 * (time.perf_counter() - t0)
-            r = evaluate(model, val_tokens, val_bytes, args, rt, args.eval_seq_len)
-            rt.log(f"step:{step}/{args.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
-                   f"train_time:{train_ms:.0f} step_avg:{train_ms / max(step, 1):.2f}")
-            t0 = time.perf_counter()
+            with budget.paused():
+                train_ms = 1000 * budget.elapsed()
+                r = evaluate(model, val_tokens, val_bytes, args, rt, args.eval_seq_len)
+                rt.log(f"step:{step}/{args.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
+                       f"train_time:{train_ms:.0f} step_avg:{train_ms / max(step, 1):.2f}")
         if last:
             break
-        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        elapsed = 1000 * budget.elapsed()
         progress = training_progress(args, step, elapsed)
         if args.num_loops > 1 and not model.looping and progress >= args.enable_looping_at:
             model.looping = True
@@ -2389,21 +2413,21 @@ def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | N
         loss = train_step(model_fn, model, opts, loader.next_batch(), args, rt)
         step += 1
         averager.update(step, progress)
-        stopper.pace()
-        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        budget.pace()
+        elapsed = 1000 * budget.elapsed()
         step_ms = elapsed / step
-        stop = stopper.agreed(elapsed >= budget_ms)
+        stop = not budget.allows(0.0, None)
         if stop or step % args.train_log_every == 0 or step == args.iterations:
             loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
             rt.log(f"step:{step}/{args.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f} "
                    f"step_avg:{step_ms:.2f} tok_s:{args.train_batch_tokens / step_ms * 1000:.0f}")
         if stop:
-            rt.log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f} step:{step}/{args.iterations}")
+            rt.log(budget.stop_line(f"{step}/{args.iterations}", elapsed / 1000))
             break
     rt.sync()
-    train_ms += 1000 * (time.perf_counter() - t0)
-    exported = averager.apply(model, rt)
-    return dict(steps=step, train_ms=train_ms, loader=loader, averaging=exported)
+    train_ms = 1000 * budget.elapsed()
+    averager.apply(model, rt)
+    return TrainResult(step, train_ms, loader)
 
 
 # -----------------------------------------------------------------------------
@@ -2415,7 +2439,7 @@ def calibration_batches(model: GPT, args: Hyperparameters, rt: Runtime, loader: 
     """Training data the model has not yet seen (never validation data), or self-generated text."""
     if args.gptq_calibration == "selfgen":
         seqs = max(1, args.train_batch_tokens // (args.train_seq_len * rt.world_size * loader.grad_accum))
-        return self_generated_batches(model, args, rt, args.gptq_calibration_batches, seqs)
+        return self_generated_batches(model, args, rt, -(-args.gptq_calibration_batches // rt.world_size), seqs)
     # Whole global batches, so every world size calibrates on the same tokens.
     batches = []
     while len(batches) * rt.world_size < args.gptq_calibration_batches:
@@ -2594,62 +2618,45 @@ def adopt_artifact_config(args: Hyperparameters, meta: dict) -> None:
     args.resolve()
 
 
-def run(args: Hyperparameters, rt: Runtime):
-    log_run_header(rt, args)
-    checked = check_inputs(args)
-    rt.log(f"tokenizer path:{args.tokenizer_path} sha256:{args.tokenizer_sha256} checked:{checked}")
-    if checked.startswith("none"):
-        rt.log(f"warning: {args.data_path} has no {TOKENIZER_RECORD}, so nothing shows its shards were made with "
-               "TOKENIZER_PATH (rebuild them with data/convert_text.py to record it)")
-    sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
-    args.byte_accounting = byte_accounting(args, sp)
-    luts = build_byte_luts(sp, args.vocab_size) if args.byte_accounting == "luts" else None
-    rt.log(f"byte_accounting:{args.byte_accounting} tokenizer:{args.tokenizer_path}")
-    backend, reason = select_attention_backend(args.attn_backend, rt.device)
-    rt.log(f"attention_backend:{backend} reason:{reason}")
-    _, code_bytes, _ = code_identity()
-    path = args.artifact_path or f"logs/{args.run_id}.pgart"
-    train_ms, val_tokens, val_bytes = 0.0, None, None
-    if args.eval_only:
-        path = args.eval_only
-        eval_t0 = time.perf_counter()
-    else:
-        torch.manual_seed(args.seed)
-        model = GPT(args, backend).to(rt.device)
-        if args.late_qat_threshold > 0:
-            setup_late_qat(model, args)
-        est = estimate_artifact_bytes(model, args, code_bytes)
-        rt.log(f"model_params:{sum(p.numel() for p in model.parameters())} est_artifact_bytes:{est}")
-        if est > args.artifact_budget:
-            rt.log(f"warning: estimated artifact {est} bytes exceeds ARTIFACT_BUDGET={args.artifact_budget}; export will lower bits")
-        resolve_gptq_reserve(model, args, rt)
-        if args.val_loss_every:
-            val_tokens, val_bytes = load_validation(args, luts)
-        stats = train(model, args, rt, val_tokens, val_bytes)
-        t0 = time.perf_counter()
-        set_late_qat(model, False)
-        hessians = {}
-        if args.quant == "gptq":
-            hessians = collect_hessians(model, calibration_batches(model, args, rt, stats["loader"]), rt)
-        calib_s = time.perf_counter() - t0
-        rt.log(f"gptq_calibration seconds:{calib_s:.2f} batches:{args.gptq_calibration_batches if hessians else 0} "
-               f"source:{args.gptq_calibration if hessians else 'none'}")
-        if rt.master:
-            export_artifact(model, args, rt, hessians, code_bytes, path)
-        rt.barrier()
-        export_s = time.perf_counter() - t0
-        train_ms = stats["train_ms"] + 1000 * export_s
-        cap_ms = 1000 * args.max_wallclock_seconds
-        rt.log(f"train_total steps:{stats['steps']} train_ms:{stats['train_ms']:.0f} export_ms:{1000 * export_s:.0f} "
-               f"total_ms:{train_ms:.0f} cap_ms:{cap_ms:.0f} reserve_ms:{1000 * args.gptq_reserve_seconds:.0f}")
-        if 0 < cap_ms < train_ms:
-            rt.log(f"error: training_clock_over_cap total_ms:{train_ms:.0f} cap_ms:{cap_ms:.0f} "
-                   f"export_ms:{1000 * export_s:.0f} reserve_ms:{1000 * args.gptq_reserve_seconds:.0f}")
-        eval_t0 = time.perf_counter()
-        if val_tokens is None:
-            val_tokens, val_bytes = load_validation(args, luts)
-        rt.log(evaluate(model, val_tokens, val_bytes, args, rt, args.eval_seq_len, "prequant").line("final_prequant"))
-        del model
+def train_and_export(args: Hyperparameters, rt: Runtime, backend: str, code_bytes: int, validation,
+                     path: str) -> tuple[GPT, float]:
+    """Train, calibrate and write the artifact at path, all on the training clock. Returns the
+    trained model and the training clock's total ms."""
+    torch.manual_seed(args.seed)
+    model = GPT(args, backend).to(rt.device)
+    if args.late_qat_threshold > 0:
+        setup_late_qat(model, args)
+    est = estimate_artifact_bytes(model, args, code_bytes)
+    rt.log(f"model_params:{sum(p.numel() for p in model.parameters())} est_artifact_bytes:{est}")
+    if est > args.artifact_budget:
+        rt.log(f"warning: estimated artifact {est} bytes exceeds ARTIFACT_BUDGET={args.artifact_budget}; export will lower bits")
+    resolve_gptq_reserve(model, args, rt)
+    trained = train(model, args, rt, *(validation() if args.val_loss_every else (None, None)))
+    t0 = time.perf_counter()
+    set_late_qat(model, False)
+    hessians = {}
+    if args.quant == "gptq":
+        hessians = collect_hessians(model, calibration_batches(model, args, rt, trained.loader), rt)
+    calib_s = time.perf_counter() - t0
+    rt.log(f"gptq_calibration seconds:{calib_s:.2f} batches:{args.gptq_calibration_batches if hessians else 0} "
+           f"source:{args.gptq_calibration if hessians else 'none'}")
+    if rt.master:
+        export_artifact(model, args, rt, hessians, code_bytes, path)
+    rt.barrier()
+    export_ms = 1000 * (time.perf_counter() - t0)
+    total_ms, cap_ms, reserve_ms = trained.train_ms + export_ms, 1000 * args.max_wallclock_seconds, 1000 * args.gptq_reserve_seconds
+    rt.log(f"train_total steps:{trained.steps} train_ms:{trained.train_ms:.0f} export_ms:{export_ms:.0f} "
+           f"total_ms:{total_ms:.0f} cap_ms:{cap_ms:.0f} reserve_ms:{reserve_ms:.0f}")
+    if 0 < cap_ms < total_ms:
+        rt.log(f"error: training_clock_over_cap total_ms:{total_ms:.0f} cap_ms:{cap_ms:.0f} "
+               f"export_ms:{export_ms:.0f} reserve_ms:{reserve_ms:.0f}")
+    return model, total_ms
+
+
+def evaluate_artifact(args: Hyperparameters, rt: Runtime, backend: str, code_bytes: int, validation, path: str,
+                      eval_t0: float, train_ms: float) -> int:
+    """Load the artifact at path as a fresh model, run the final evaluations on the evaluation clock
+    (from eval_t0) and log the run's result. Returns code + artifact bytes."""
     t0 = time.perf_counter()
     meta, state = read_artifact(path)
     check_artifact_accounting(meta, args, path)
@@ -2661,14 +2668,39 @@ def run(args: Hyperparameters, rt: Runtime):
            f"limit:{args.artifact_budget} compressor:{meta['compressor']} sha256:{meta['sha256']}")
     if total > args.artifact_budget:
         rt.log(f"error: artifact_over_budget bytes_total:{total} limit:{args.artifact_budget}")
-    if val_tokens is None:  # EVAL_ONLY; after training the prequant eval already loaded them
-        val_tokens, val_bytes = load_validation(args, luts)
-    label, result = final_evaluations(model, val_tokens, val_bytes, args, rt, eval_t0)
+    label, result = final_evaluations(model, *validation(), args, rt, eval_t0)
     eval_ms = 1000 * (time.perf_counter() - eval_t0)
     rt.log(f"eval_time total_ms:{eval_ms:.0f} limit_ms:{1000 * args.eval_max_seconds:.0f}")
     rt.log(f"peak_mem_mib:{peak_memory_mib(rt):.0f}")
     rt.log(f"final_result label:{label} val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f} "
            f"bytes_total:{total} train_time_ms:{train_ms:.0f} eval_time_ms:{eval_ms:.0f}")
+    return total
+
+
+def run(args: Hyperparameters, rt: Runtime):
+    code = read_code()
+    log_run_header(rt, args, code)
+    checked = check_inputs(args)
+    rt.log(f"tokenizer path:{args.tokenizer_path} sha256:{args.tokenizer_sha256} checked:{checked}")
+    if checked.startswith("none"):
+        rt.log(f"warning: {args.data_path} has no {TOKENIZER_RECORD}, so nothing shows its shards were made with "
+               "TOKENIZER_PATH (rebuild them with data/convert_text.py to record it)")
+    sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
+    args.byte_accounting = byte_accounting(args, sp)
+    luts = build_byte_luts(sp, args.vocab_size) if args.byte_accounting == "luts" else None
+    rt.log(f"byte_accounting:{args.byte_accounting} tokenizer:{args.tokenizer_path}")
+    backend, reason = select_attention_backend(args.attn_backend, rt.device)
+    rt.log(f"attention_backend:{backend} reason:{reason}")
+    validation = functools.cache(lambda: load_validation(args, luts))  # (tokens, bytes), loaded once when first needed
+    path = args.eval_only or args.artifact_path or f"logs/{args.run_id}.pgart"
+    if args.eval_only:
+        eval_t0, train_ms = time.perf_counter(), 0.0
+    else:
+        model, train_ms = train_and_export(args, rt, backend, code.nbytes, validation, path)
+        eval_t0 = time.perf_counter()
+        rt.log(evaluate(model, *validation(), args, rt, args.eval_seq_len, "prequant").line("final_prequant"))
+        del model
+    total = evaluate_artifact(args, rt, backend, code.nbytes, validation, path, eval_t0, train_ms)
     if dist.is_initialized():
         dist.destroy_process_group()
     if total > args.artifact_budget:

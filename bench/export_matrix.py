@@ -197,11 +197,11 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     model = tg.GPT(args)
     stats = tg.train(model, args, rt, None, None)
-    hessians = tg.collect_hessians(model, tg.calibration_batches(model, args, rt, stats["loader"]), rt)
+    hessians = tg.collect_hessians(model, tg.calibration_batches(model, args, rt, stats.loader), rt)
     val_tokens, val_bytes = tg.load_validation(args, luts)
     pre = tg.evaluate(model, val_tokens, val_bytes, args, rt, args.eval_seq_len).val_bpb
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"trained {stats['steps']} steps, {n_params} params, prequant val_bpb {pre:.4f}", flush=True)
+    print(f"trained {stats.steps} steps, {n_params} params, prequant val_bpb {pre:.4f}", flush=True)
 
     rows, best = [], None
     for name, overrides in VARIANTS.items():
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
     section = [
         "", f"## Export matrix (`bench/export_matrix.py`), {stamp} UTC, commit {git_commit()}, {cpu_machine()}", "",
         f"`python bench/export_matrix.py --data {opts.data} --preset {opts.preset} --seconds {opts.seconds:g}`: "
-        f"{stats['steps']} steps, {n_params:,} parameters, prequant val_bpb {pre:.4f}. Model bytes exclude the "
+        f"{stats.steps} steps, {n_params:,} parameters, prequant val_bpb {pre:.4f}. Model bytes exclude the "
         f"artifact header and code; values stored one byte each unless bit-packed. Best: {best[1]}, {best[0]:,} bytes = "
         f"{best[0] / n_params:.3f} bytes/parameter.", "", *table,
     ]

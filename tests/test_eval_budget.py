@@ -27,7 +27,7 @@ def clock(monkeypatch):
 
 
 def test_rates_leave_out_each_shapes_first_call(clock):
-    budget = tg.TimeBudget(CPU, clock.now, 100.0, "ttt")
+    budget = tg.TimeBudget(CPU, clock.now, 100.0, None)
     for shape, seconds, units in [("a", 90.0, 10), ("a", 2.0, 10), ("a", 4.0, 20), ("b", 50.0, 10)]:
         with budget.timed("train", shape, units):
             clock.now += seconds
@@ -38,7 +38,7 @@ def test_rates_leave_out_each_shapes_first_call(clock):
 def test_allows_until_the_limit_then_refuses_with_one_stop_line(clock, tmp_path):
     log = tmp_path / "log.txt"
     rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False, False, str(log))
-    budget = tg.TimeBudget(rt, clock.now, 10.0, "phased_ttt")
+    budget = tg.eval_budget(rt, clock.now, make_args(EVAL_MAX_SECONDS=10), "phased_ttt")
     clock.now += 5
     assert budget.allows(4.0, "chunk:0") and budget.allows(5.0, "chunk:1")
     assert not budget.allows(5.5, "chunk:2", all_ranks=False)

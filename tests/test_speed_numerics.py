@@ -147,14 +147,14 @@ def test_training_loop_reads_no_tensor_per_step(tmp_path, monkeypatch):
     args = make_args(ITERATIONS=6, TRAIN_LOG_EVERY=100, MAX_WALLCLOCK_SECONDS=3600, GPTQ_RESERVE_SECONDS=0)
     rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False, False, str(tmp_path / "log.txt"))
     stats = tg.train(tg.GPT(args), args, rt, None, None)
-    assert stats["steps"] == 6
+    assert stats.steps == 6
     assert [f for f in reads if f == tg.__file__] == [tg.__file__]  # the loss of the one logged step (step 6); before: one stop-flag read per step too
 
 
 def test_wallclock_cap_still_stops_after_the_first_step(tmp_path):
     args = make_args(ITERATIONS=50, MAX_WALLCLOCK_SECONDS=1.000001, GPTQ_RESERVE_SECONDS=1.0)
     rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False, False, str(tmp_path / "log.txt"))
-    assert tg.train(tg.GPT(args), args, rt, None, None)["steps"] == 1
+    assert tg.train(tg.GPT(args), args, rt, None, None).steps == 1
     assert "stopping_early: wallclock_cap" in (tmp_path / "log.txt").read_text()
 
 

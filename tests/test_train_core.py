@@ -112,7 +112,7 @@ def test_training_path_never_opens_a_validation_file(tmp_path, monkeypatch):
     monkeypatch.setattr("builtins.open", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
     model = tg.GPT(args)
     stats = tg.train(model, args, rt, None, None)
-    tg.collect_hessians(model, tg.calibration_batches(model, args, rt, stats["loader"]), rt)
+    tg.collect_hessians(model, tg.calibration_batches(model, args, rt, stats.loader), rt)
     assert any("fineweb_train_" in p for p in opened)
     assert not any("fineweb_val_" in p for p in opened)
 
