@@ -69,6 +69,8 @@ class Knob:
 
 
 K = Knob
+
+
 KNOBS = [
     # run and data
     K("DATA_PATH", "./data/datasets/fineweb10B_sp8192", str, "directory with fineweb_{train,val}_*.bin shards"),
@@ -207,11 +209,19 @@ KNOBS = [
     K("PHASED_TTT_NUM_PHASES", 0, int, "global phases: SGD (TTT_LR) on all weights over each scored 1/N of the prefix (0: off)", 0),
     K("PHASED_TTT_PREFIX_DOCS", 2000, int, "leading documents the global phases are spread over", 0),
 ]
+
+
 del K
+
+
 KNOB_BY_NAME = {k.name: k for k in KNOBS}
+
+
 # Set by launchers and libraries, never knobs; excluded from the misspelling check.
 FOREIGN_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "OMP_NUM_THREADS"}
+
+
 # Knobs that define the model and the context it was trained and scored at; the artifact records
 # them and EVAL_ONLY takes them from it.
 MODEL_KNOBS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_ACT",
@@ -376,7 +386,7 @@ class Hyperparameters:
 
 
 # -----------------------------------------------------------------------------
-# DISTRIBUTED + DEVICE SETUP
+# RUNTIME: DISTRIBUTED, DEVICE, LOG, TIME BUDGETS
 # -----------------------------------------------------------------------------
 
 
@@ -536,8 +546,69 @@ def log_run_header(rt: Runtime, args: Hyperparameters, code: Code):
         rt.log(f"warning: unknown env var {name_} looks like the knob {knob} (ignored; STRICT_ENV=1 makes this an error)")
 
 
+class TimeBudget:
+    """A wallclock budget, the one training and every evaluation use: its start and limit, time left
+    out while paused (periodic validation), rates (seconds per unit of work) per kind measured from
+    timed calls, leaving out each (kind, shape)'s first call because it may compile, an answer all
+    ranks agree on without a device sync, and one stop line, stop_line(at, elapsed_s)."""
+
+    def __init__(self, rt: Runtime, start: float, limit_s: float, stop_line):
+        self.rt, self.start, self.limit_s, self.stop_line = rt, start, limit_s, stop_line
+        self.measured: dict[str, list[float]] = {}  # kind -> [seconds, units]
+        self.first_calls: set = set()
+        self.stopped, self.paused_s, self.queued = False, 0.0, None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start - self.paused_s
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.rt.sync()
+        started = time.perf_counter()
+        yield
+        self.paused_s += time.perf_counter() - started
+
+    @contextlib.contextmanager
+    def timed(self, kind: str, shape, units: float):
+        started = time.perf_counter()
+        yield
+        self.rt.sync()
+        if (kind, shape) in self.first_calls:
+            spent = self.measured.setdefault(kind, [0.0, 0.0])
+            spent[0] += time.perf_counter() - started
+            spent[1] += units
+        self.first_calls.add((kind, shape))
+
+    def seconds(self, kind: str, units: float) -> float:
+        spent, done = self.measured.get(kind, (0.0, 0.0))
+        return spent / done * units if done else 0.0
+
+    def pace(self):
+        """Call once a training step is queued: wait only for the step before it, so the host runs
+        at most one step ahead of the device and its clock lags by at most one step."""
+        if self.rt.device.type == "cuda":
+            done, self.queued = self.queued, torch.cuda.Event()
+            self.queued.record()
+            if done is not None:
+                done.synchronize()
+
+    def allows(self, need_s: float, at: str | None, all_ranks: bool = True) -> bool:
+        """Whether need_s more seconds fit. With all_ranks every rank calls it at the same point and
+        all get the same answer; once refused (here or on any rank), always refused. The first
+        refusal logs the stop line at `at` (None: the caller logs it)."""
+        elapsed = self.elapsed()
+        over = self.stopped or elapsed + need_s > self.limit_s
+        if all_ranks:
+            over = self.rt.any_rank(over)
+        if over and not self.stopped:
+            self.stopped = True
+            if at is not None:
+                self.rt.log(self.stop_line(at, elapsed))
+        return not over
+
+
 # -----------------------------------------------------------------------------
-# DATA: SHARDS, LOADER, BYTE LUTS
+# DATA: SHARDS, LOADER, TOKENIZER, BYTE ACCOUNTING
 # -----------------------------------------------------------------------------
 
 
@@ -1101,7 +1172,10 @@ class GPT(nn.Module):
 # OPTIMIZERS AND SCHEDULE
 # -----------------------------------------------------------------------------
 
+
 NS5_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
 # Polar Express per-iteration coefficients (arXiv:2505.16932), tuned with a 2% safety margin;
 # iterations past the fifth reuse the last tuple.
 POLAR_EXPRESS_COEFFS = (
@@ -1271,6 +1345,223 @@ def lr_scale(args: Hyperparameters, step: int, progress: float, warmdown: float)
 
 
 # -----------------------------------------------------------------------------
+# TRAINING
+# -----------------------------------------------------------------------------
+
+
+def setup_late_qat(model: GPT, args: Hyperparameters):
+    """Give every weight the export will quantize its fake-quantizer (off until switched on)."""
+    for name, m in quantizable_modules(model):
+        spec = quant_spec(name, m.weight.numel(), args)
+        if spec:
+            m.init_qat(*spec, args.clip_search)
+
+
+def set_late_qat(model: GPT, on: bool):
+    for _, m in quantizable_modules(model):
+        if getattr(m, "qat", None) is not None:
+            m.qat_alpha.fill_(float(on))
+
+
+class WeightAverager:
+    """fp32 EMA of the weights and/or SWA snapshots (of the raw weights, or of the EMA for ema+swa)."""
+
+    def __init__(self, model: GPT, args: Hyperparameters):
+        self.args, self.mode = args, args.averaging
+        self.params = [p for p in model.state_dict().values() if p.is_floating_point()]
+        self.ema = [p.detach().float().clone() for p in self.params] if "ema" in self.mode else None
+        self.swa_sum, self.swa_n, self.ema_n = None, 0, 0
+
+    def ema_decay(self, n: int) -> float:
+        """Decay of the n-th EMA update: warmed up as (1+n)/(10+n) so that short runs do not export
+        mostly the initial weights, capped at EMA_DECAY."""
+        return min(self.args.ema_decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self, step: int, progress: float):
+        a = self.args
+        if self.ema is not None and step % a.ema_every == 0:
+            self.ema_n += 1
+            torch._foreach_lerp_(self.ema, [p.float() for p in self.params], 1 - self.ema_decay(self.ema_n))
+        if "swa" in self.mode and progress >= a.swa_start_frac and step % a.swa_every == 0:
+            src = self.ema if self.mode == "ema+swa" else [p.float() for p in self.params]
+            if self.swa_sum is None:
+                self.swa_sum = [t.clone() for t in src]
+            else:
+                torch._foreach_add_(self.swa_sum, src)
+            self.swa_n += 1
+
+    @torch.no_grad()
+    def apply(self, model: GPT, rt: Runtime) -> str:
+        """Load the averaged weights into the model; returns what was exported, truthfully."""
+        if "swa" in self.mode and self.swa_n == 0:
+            rt.log(f"warning: AVERAGING={self.mode} but no SWA snapshot was taken (SWA_START_FRAC not reached)")
+        if "swa" in self.mode and self.swa_n:
+            src, used = [t / self.swa_n for t in self.swa_sum], self.mode
+        elif self.ema is not None:
+            src, used = self.ema, "ema"
+        else:
+            src, used = None, "none"
+        if src is not None:
+            for p, s in zip(self.params, src):
+                p.copy_(s)
+        rt.log(f"averaging exported:{used} ema_updates:{self.ema_n} swa_snapshots:{self.swa_n}")
+        return used
+
+
+def all_reduce_grads(params: list[Tensor], rt: Runtime):
+    if rt.world_size == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.AVG if rt.device.type == "cuda" else dist.ReduceOp.SUM)
+    if rt.device.type != "cuda":  # gloo has no AVG
+        flat /= rt.world_size
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(p)
+        offset += g.numel()
+
+
+def train_step(model_fn, model: GPT, opts, micro_batches, args: Hyperparameters, rt: Runtime) -> Tensor:
+    total = torch.zeros((), device=rt.device)
+    for x, y in micro_batches:
+        with rt.autocast_ctx():
+            loss = model_fn(x, y)
+        (loss / len(micro_batches)).backward()
+        total += loss.detach()
+    params = list(model.parameters())
+    all_reduce_grads(params, rt)
+    if args.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip_norm)
+    for opt in opts:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return total / len(micro_batches)
+
+
+def grad_accum_steps(args: Hyperparameters, rt: Runtime) -> int:
+    accum = args.grad_accum_steps or (8 // rt.world_size if 8 % rt.world_size == 0 else 1)
+    if args.train_batch_tokens % (rt.world_size * accum * args.train_seq_len):
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} is not divisible by world_size {rt.world_size} "
+                          f"x GRAD_ACCUM_STEPS {accum} x TRAIN_SEQ_LEN {args.train_seq_len}")
+    return accum
+
+
+def prime_compile(model: GPT, model_fn, args: Hyperparameters, rt: Runtime, loader: TrainLoader):
+    """Compile, before the clock starts, every graph the run will use: WARMUP_STEPS real steps
+    (plain, then looped), then with COMPILE the evaluation graphs at their real shapes, then restore
+    the initial weights; optimizers are rebuilt by the caller."""
+    if args.warmup_steps == 0:
+        return
+    t0 = time.perf_counter()
+    initial = copy.deepcopy(model.state_dict())
+    opts = build_optimizers(model, args, rt)
+    for i in range(args.warmup_steps):
+        model.looping = args.num_loops > 1 and i >= args.warmup_steps // 2
+        train_step(model_fn, model, opts, loader.next_batch(), args, rt)
+    model.load_state_dict(initial)
+    model.looping = False
+    rt.sync()
+    rt.log(f"warmup steps:{args.warmup_steps} ms:{1000 * (time.perf_counter() - t0):.0f} (compile priming, weights restored)")
+    if rt.compile:
+        prime_eval_graphs(model, args, rt)
+
+
+def prime_eval_graphs(model: GPT, args: Hyperparameters, rt: Runtime):
+    """Run each compiled evaluation once on a dummy stream, at the shapes of the real one: the
+    training model's evaluation (periodic validation, final_prequant) in each layer order it may
+    have, then, on a fresh model built like the artifact's (no fake-quantizers, the final layer
+    order), the standard/sliding evaluation and chunk TTT's scoring and training step. Phased TTT
+    runs eagerly and compiles nothing. Each line gives a first call's time (compile + one run)."""
+    dummy = torch.arange(max(2 * args.eval_seq_len, args.ttt_chunk_tokens + 2) + 1) % args.vocab_size
+    dummy_bytes = torch.ones_like(dummy, dtype=torch.int32)
+    final_looping = args.num_loops > 1 and args.enable_looping_at < 1
+    artifact_like = GPT(args, model.blocks[0].attn.backend).to(rt.device)
+    artifact_like.looping = final_looping
+    calls = [(f"eval_training_model looping:{int(looping)}", model, looping, lambda m: evaluate(m, dummy, dummy_bytes, args, rt, args.eval_seq_len))
+             for looping in sorted({final_looping} | ({False, True} if args.val_loss_every and args.num_loops > 1 else set()))]
+    calls.append((f"eval_artifact_model looping:{int(final_looping)}", artifact_like, final_looping,
+                  lambda m: evaluate(m, dummy, dummy_bytes, args, rt, args.eval_seq_len)))
+    if args.ttt_enabled:
+        calls.append(("ttt_score_and_step", artifact_like, final_looping,
+                      lambda m: evaluate_ttt(m, dummy[:args.ttt_chunk_tokens + 2], dummy_bytes[:args.ttt_chunk_tokens + 2], args, rt, time.perf_counter())))
+    for name, target, looping, call in calls:
+        t0 = time.perf_counter()
+        target.looping = looping
+        call(target)
+        rt.sync()
+        rt.log(f"compile_warmup graph:{name} ms:{1000 * (time.perf_counter() - t0):.0f}")
+    model.looping = False
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_ms: float  # the training loop's time, periodic validation left out
+    loader: TrainLoader  # where calibration continues: data the model has not seen
+
+
+def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | None, val_bytes: Tensor | None) -> TrainResult:
+    accum = grad_accum_steps(args, rt)
+    model_fn = torch.compile(model) if rt.compile else model
+    prime_compile(model, model_fn, args, rt, TrainLoader(args, rt, accum))
+    loader = TrainLoader(args, rt, accum)
+    opts = build_optimizers(model, args, rt)
+    averager = WeightAverager(model, args)
+    qat_on = False
+    step, step_ms = 0, 0.0
+    limit_s = args.max_wallclock_seconds - args.gptq_reserve_seconds if args.max_wallclock_seconds > 0 else math.inf
+    rt.sync()
+    budget = TimeBudget(rt, time.perf_counter(), limit_s,
+                        lambda at, elapsed: f"stopping_early: wallclock_cap train_time:{1000 * elapsed:.0f} step:{at}")
+    while True:
+        last = step == args.iterations
+        if val_tokens is not None and args.val_loss_every and step > 0 and (last or step % args.val_loss_every == 0):
+            with budget.paused():
+                train_ms = 1000 * budget.elapsed()
+                r = evaluate(model, val_tokens, val_bytes, args, rt, args.eval_seq_len)
+                rt.log(f"step:{step}/{args.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
+                       f"train_time:{train_ms:.0f} step_avg:{train_ms / max(step, 1):.2f}")
+        if last:
+            break
+        elapsed = 1000 * budget.elapsed()
+        progress = training_progress(args, step, elapsed)
+        if args.num_loops > 1 and not model.looping and progress >= args.enable_looping_at:
+            model.looping = True
+            rt.log(f"looping_enabled step:{step} train_time:{elapsed:.0f} layers:{','.join(map(str, model.layer_order()))}")
+        scale = lr_scale(args, step, progress, warmdown_fraction(args, step_ms))
+        if args.late_qat_threshold > 0 and not qat_on and step >= args.lr_warmup_steps and scale < args.late_qat_threshold:
+            set_late_qat(model, True)
+            qat_on = True
+            rt.log(f"late_qat_enabled step:{step} lr_scale:{scale:.4f}")
+        mom_frac = min(1.0, step / args.muon_momentum_warmup_steps) if args.muon_momentum_warmup_steps else 1.0
+        for opt in opts:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * scale
+                if isinstance(opt, Muon):
+                    g["momentum"] = (1 - mom_frac) * args.muon_momentum_warmup_start + mom_frac * args.muon_momentum
+        loss = train_step(model_fn, model, opts, loader.next_batch(), args, rt)
+        step += 1
+        averager.update(step, progress)
+        budget.pace()
+        elapsed = 1000 * budget.elapsed()
+        step_ms = elapsed / step
+        stop = not budget.allows(0.0, None)
+        if stop or step % args.train_log_every == 0 or step == args.iterations:
+            loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
+            rt.log(f"step:{step}/{args.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f} "
+                   f"step_avg:{step_ms:.2f} tok_s:{args.train_batch_tokens / step_ms * 1000:.0f}")
+        if stop:
+            rt.log(budget.stop_line(f"{step}/{args.iterations}", elapsed / 1000))
+            break
+    rt.sync()
+    train_ms = 1000 * budget.elapsed()
+    averager.apply(model, rt)
+    return TrainResult(step, train_ms, loader)
+
+
+# -----------------------------------------------------------------------------
 # QUANTIZATION (shared by late QAT and export)
 # -----------------------------------------------------------------------------
 
@@ -1413,6 +1704,18 @@ def self_generated_batches(model: GPT, args: Hyperparameters, rt: Runtime, n_bat
     return out
 
 
+def calibration_batches(model: GPT, args: Hyperparameters, rt: Runtime, loader: TrainLoader):
+    """Training data the model has not yet seen (never validation data), or self-generated text."""
+    if args.gptq_calibration == "selfgen":
+        seqs = max(1, args.train_batch_tokens // (args.train_seq_len * rt.world_size * loader.grad_accum))
+        return self_generated_batches(model, args, rt, -(-args.gptq_calibration_batches // rt.world_size), seqs)
+    # Whole global batches, so every world size calibrates on the same tokens.
+    batches = []
+    while len(batches) * rt.world_size < args.gptq_calibration_batches:
+        batches.extend(loader.next_batch())
+    return batches
+
+
 @dataclass
 class QTensor:
     q: Tensor            # int8 values in [-qmax, qmax]
@@ -1487,8 +1790,14 @@ def quantize_model(model: GPT, args: Hyperparameters, hessians: dict[str, Tensor
 # Bytes per byte of Gaussian entropy of the rounded values, measured on a record-size payload of
 # random weights (bench/RESULTS.md); trained weights code up to ~0.5% smaller.
 CODER_OVERHEAD = {"zstd": 1.0155}
+
+
 LQER_FACTOR_BYTES = 0.4  # an int4 factor value clipped at its column's absmax: ~3.1 bits coded
+
+
 SCALE_CODE_BYTES = 0.5  # a row scale's u8 grid code: rows of a tensor span a few octaves at most
+
+
 TENSOR_TABLE_BYTES = 20  # per state-dict entry: compressed JSON table entry + chunk table share
 
 
@@ -1515,18 +1824,145 @@ def estimate_artifact_bytes(model: GPT, args: Hyperparameters, code_bytes: int) 
 
 
 # -----------------------------------------------------------------------------
+# EXPORT: RESERVE AND BUDGET FITTING
+# -----------------------------------------------------------------------------
+
+
+def timed(fn, rt: Runtime) -> float:
+    t0 = time.perf_counter()
+    fn()
+    rt.sync()
+    return time.perf_counter() - t0
+
+
+def predict_export_seconds(model: GPT, args: Hyperparameters, rt: Runtime) -> dict[str, float]:
+    """Calibration, quantization and compression seconds, predicted before training from one timed
+    sample of each scaled by size (their cost does not depend on the weights' values)."""
+    accum = grad_accum_steps(args, rt)
+    seqs = max(1, args.train_batch_tokens // (args.train_seq_len * rt.world_size * accum))
+    g = torch.Generator(device=rt.device).manual_seed(0)  # leaves the global RNG, and so training, untouched
+    x = torch.randint(0, args.vocab_size, (seqs, args.train_seq_len), device=rt.device, generator=g)
+    looping, model.looping = model.looping, args.num_loops > 1
+    collect_hessians(model, [(x, None)], rt)  # warm-up: first calls pay for library initialisation
+    batch_s = timed(lambda: collect_hessians(model, [(x, None)], rt), rt)
+    model.looping = looping
+    if args.gptq_calibration == "selfgen":
+        batch_s *= args.train_seq_len / 2  # one forward per generated token, over half a sequence on average
+    per_rank = -(-args.gptq_calibration_batches // (rt.world_size * accum)) * accum
+    pred = dict(calibration=batch_s * per_rank, quantize=0.0, compress=0.0)
+    if rt.master:
+        shapes, raw_bytes = {}, 0
+        for name, m in quantizable_modules(model):
+            spec = quant_spec(name, m.weight.numel(), args)
+            raw_bytes += m.weight.numel() * (1 if spec else 2)
+            if spec:
+                shapes[tuple(m.weight.shape), spec] = shapes.get((tuple(m.weight.shape), spec), 0) + 1
+        for (shape, (bits, clip)), n in shapes.items():
+            w = torch.randn(shape, device=rt.device, generator=g)
+            H = torch.eye(shape[1], device=rt.device) if args.quant == "gptq" else None
+            pred["quantize"] += n * timed(lambda: quantize_tensor(w, H, bits, clip, args), rt)
+        if args.lqer_rank and shapes:
+            w = torch.randn(max(shapes, key=lambda k: math.prod(k[0]))[0], device=rt.device, generator=g).cpu()
+            qt, _ = quantize_tensor(w, None, 6, 12.0, args)
+            pred["quantize"] += args.lqer_top_k * timed(lambda: lqer_factors(w, qt, args.lqer_rank), rt)
+        sample = np.clip(np.random.default_rng(0).normal(32, 2.6, min(raw_bytes, CHUNK_BYTES)), 1, 63).astype(np.uint8).tobytes()
+        rounds = -(-math.ceil(raw_bytes / CHUNK_BYTES) // (args.compress_workers or usable_cpus()))
+        for cand, lvl in compression_candidates(args):
+            pred["compress"] += rounds * timed(lambda: compress_chunk((cand, lvl, sample)), rt)
+    for k in sorted(pred):
+        pred[k] = rt.all_reduce(torch.tensor(pred[k], device=rt.device), dist.ReduceOp.MAX).item()
+    return pred
+
+
+def resolve_gptq_reserve(model: GPT, args: Hyperparameters, rt: Runtime):
+    """GPTQ_RESERVE_SECONDS=auto: the predicted export time with a 25% + 2 s margin (0 without a cap)."""
+    if args.gptq_reserve_seconds != "auto":
+        return
+    if args.max_wallclock_seconds <= 0:
+        args.gptq_reserve_seconds = 0.0
+        return
+    pred = predict_export_seconds(model, args, rt)
+    args.gptq_reserve_seconds = round(1.25 * sum(pred.values()) + 2.0, 1)
+    rt.log(f"gptq_reserve seconds:{args.gptq_reserve_seconds} source:auto " + " ".join(f"{k}_s:{v:.2f}" for k, v in pred.items()))
+
+
+def bits_to_lower(model: GPT, args: Hyperparameters, errors: dict, override: dict, excess: int) -> list[tuple[str, int, int]]:
+    """Tensors whose precision costs least to lower by one bit (Hessian-weighted error added per
+    estimated byte saved), until the estimated saving covers the excess. Matrices kept in fp16 go
+    to 8 bits first: near-lossless, and the only way under the budget for models of small matrices."""
+    cands = []
+    for name, m in quantizable_modules(model):
+        spec = quant_spec(name, m.weight.numel(), args, override)
+        if spec is None:
+            _, clip = quant_spec(name, m.weight.numel(), args, {name: 8})
+            saved = m.weight.numel() * (2 - estimate_quantized_bits(8, clip) / 8) - 2 * m.weight.size(0)
+            if saved > 0:
+                cands.append((0.0, name, 16, 8, saved))
+        elif spec[0] > 2:
+            bits, clip = spec
+            saved = m.weight.numel() * (estimate_quantized_bits(bits, clip) - estimate_quantized_bits(bits - 1, clip)) / 8
+            # rounding error variance grows ~4x per bit removed
+            cands.append((3 * errors[name + ".weight"] / max(saved, 1.0), name, bits, bits - 1, saved))
+    chosen, total = [], 0.0
+    for _, name, bits, new, saved in sorted(cands):
+        if total >= 1.1 * excess:
+            break
+        chosen.append((name, bits, new))
+        total += saved
+    return chosen
+
+
+def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime, hessians: dict, code_bytes: int, path: str) -> str:
+    """Quantize, pack, compress and write the artifact (rank 0), lowering bits where it costs least
+    until code + model fit ARTIFACT_BUDGET (or, when nothing is left to lower, logging the smallest
+    size reachable). Quantized tensors and compressed chunks are cached, so a refit redoes only the
+    tensors it lowers. Returns the compressor used."""
+    override, qcache, ccache = {}, {}, {}
+    meta = dict(config=args.model_config(), looping=model.looping, byte_accounting=args.byte_accounting)
+    while True:
+        t0, done = time.perf_counter(), sum(len(k) == 2 for k in qcache)
+        qstate, errors = quantize_model(model, args, hessians, override, qcache)
+        rt.log(f"quantize method:{args.quant} tensors:{len(errors)} new:{sum(len(k) == 2 for k in qcache) - done} "
+               f"lqer:{min(args.lqer_top_k, len(errors)) if args.lqer_rank else 0} seconds:{time.perf_counter() - t0:.2f}")
+        bits = {k: v.bits for k, v in qstate.items() if isinstance(v, QTensor)}
+        chunks = serialize_chunks(qstate, dict(meta, bits=bits), args.pack_bits)
+        comp, data = compress_payload(chunks, args, rt, ccache)
+        total = code_bytes + artifact_file_bytes(comp, data)
+        if total <= args.artifact_budget:
+            break
+        lower = bits_to_lower(model, args, errors, override, total - args.artifact_budget)
+        if not lower:  # every matrix at 2 bits: write it; the run then fails as over budget
+            rt.log(f"error: artifact_budget_unreachable limit:{args.artifact_budget} smallest_reachable:{total}")
+            break
+        for name, old, new in lower:
+            override[name] = new
+            rt.log(f"budget_fit tensor:{name} bits:{old}->{new} over_by:{total - args.artifact_budget}")
+    write_artifact(path, comp, data)
+    return comp
+
+
+# -----------------------------------------------------------------------------
 # ARTIFACT FORMAT AND COMPRESSION
 # -----------------------------------------------------------------------------
 # File: MAGIC | u16 version | u8 n + compressor name | u64 payload length | sha256(payload) | payload.
 # Payload: u32 chunk count | u32 compressed length per chunk | chunks, each compressed on its own.
 # The decompressed chunks joined: u32 n + JSON header (config, tensor table) | blob of packed tensors.
 
+
 COMPRESSOR_PACKAGES = {"zstd": "zstandard", "brotli": "brotli", "lzma": "lzma"}
+
+
 MAX_LEVELS = {"zstd": 22, "brotli": 11, "lzma": 9}
+
+
 # COMPRESSION_LEVEL=-1: brotli quality 10 with a 256 KiB window matched single-stream quality 11 on a
 # record-size int6 payload (-0.007% bytes) in a third of its time (bench/RESULTS.md).
 DEFAULT_LEVELS = {"zstd": 22, "brotli": 10, "lzma": 9}
+
+
 CHUNK_BYTES = 1 << 20  # compression unit: chunks compress in parallel and are reused across budget refits
+
+
 SMALL_TENSOR_BYTES = 1 << 16  # tensors below this share one chunk group instead of getting their own
 
 
@@ -1776,8 +2212,24 @@ def read_artifact(path: str) -> tuple[dict, dict]:
     return dict(meta, compressor=comp_name, sha256=hashlib.sha256(buf).hexdigest()), state
 
 
+def check_artifact_accounting(meta: dict, args: Hyperparameters, path: str) -> None:
+    """A CaseOps model scored with LUT bytes, or a plain one with sidecar bytes, is an error
+    (artifacts from before the key existed were plain)."""
+    trained = meta.get("byte_accounting", "luts")
+    if trained != args.byte_accounting:
+        raise ConfigError(f"{path} was trained with byte_accounting:{trained}; scoring it with "
+                          f"byte_accounting:{args.byte_accounting} (TOKENIZER_PATH, DATA_PATH) would give a wrong val_bpb")
+
+
+def model_from_artifact(meta: dict, state: dict, args: Hyperparameters, rt: Runtime, backend: str) -> GPT:
+    model = GPT(args, backend).to(rt.device)
+    model.load_state_dict({k: v.to(rt.device) for k, v in state.items()}, strict=True)
+    model.looping = meta["looping"]
+    return model
+
+
 # -----------------------------------------------------------------------------
-# EVALUATION (standard, sliding window, score-first TTT)
+# EVALUATION (standard, sliding window, score-first TTT, phased TTT)
 # -----------------------------------------------------------------------------
 # Target j is token j predicted from tokens[:j]; a stream of N tokens has targets 1..N-1. A window
 # (s, e, a) feeds tokens[s:e] and scores targets a..e, never more than once across a plan.
@@ -1915,67 +2367,6 @@ def ttt_parameters(model: GPT, args: Hyperparameters) -> list[nn.Parameter]:
     for p in params:
         p.requires_grad_(True)
     return params
-
-
-class TimeBudget:
-    """A wallclock budget, the one training and every evaluation use: its start and limit, time left
-    out while paused (periodic validation), rates (seconds per unit of work) per kind measured from
-    timed calls, leaving out each (kind, shape)'s first call because it may compile, an answer all
-    ranks agree on without a device sync, and one stop line, stop_line(at, elapsed_s)."""
-
-    def __init__(self, rt: Runtime, start: float, limit_s: float, stop_line):
-        self.rt, self.start, self.limit_s, self.stop_line = rt, start, limit_s, stop_line
-        self.measured: dict[str, list[float]] = {}  # kind -> [seconds, units]
-        self.first_calls: set = set()
-        self.stopped, self.paused_s, self.queued = False, 0.0, None
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start - self.paused_s
-
-    @contextlib.contextmanager
-    def paused(self):
-        self.rt.sync()
-        started = time.perf_counter()
-        yield
-        self.paused_s += time.perf_counter() - started
-
-    @contextlib.contextmanager
-    def timed(self, kind: str, shape, units: float):
-        started = time.perf_counter()
-        yield
-        self.rt.sync()
-        if (kind, shape) in self.first_calls:
-            spent = self.measured.setdefault(kind, [0.0, 0.0])
-            spent[0] += time.perf_counter() - started
-            spent[1] += units
-        self.first_calls.add((kind, shape))
-
-    def seconds(self, kind: str, units: float) -> float:
-        spent, done = self.measured.get(kind, (0.0, 0.0))
-        return spent / done * units if done else 0.0
-
-    def pace(self):
-        """Call once a training step is queued: wait only for the step before it, so the host runs
-        at most one step ahead of the device and its clock lags by at most one step."""
-        if self.rt.device.type == "cuda":
-            done, self.queued = self.queued, torch.cuda.Event()
-            self.queued.record()
-            if done is not None:
-                done.synchronize()
-
-    def allows(self, need_s: float, at: str | None, all_ranks: bool = True) -> bool:
-        """Whether need_s more seconds fit. With all_ranks every rank calls it at the same point and
-        all get the same answer; once refused (here or on any rank), always refused. The first
-        refusal logs the stop line at `at` (None: the caller logs it)."""
-        elapsed = self.elapsed()
-        over = self.stopped or elapsed + need_s > self.limit_s
-        if all_ranks:
-            over = self.rt.any_rank(over)
-        if over and not self.stopped:
-            self.stopped = True
-            if at is not None:
-                self.rt.log(self.stop_line(at, elapsed))
-        return not over
 
 
 def eval_budget(rt: Runtime, eval_t0: float, args: Hyperparameters, phase: str) -> TimeBudget:
@@ -2213,360 +2604,6 @@ def evaluate_phased_ttt(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args:
     return ev.result(t0)
 
 
-# -----------------------------------------------------------------------------
-# TRAINING
-# -----------------------------------------------------------------------------
-
-
-def setup_late_qat(model: GPT, args: Hyperparameters):
-    """Give every weight the export will quantize its fake-quantizer (off until switched on)."""
-    for name, m in quantizable_modules(model):
-        spec = quant_spec(name, m.weight.numel(), args)
-        if spec:
-            m.init_qat(*spec, args.clip_search)
-
-
-def set_late_qat(model: GPT, on: bool):
-    for _, m in quantizable_modules(model):
-        if getattr(m, "qat", None) is not None:
-            m.qat_alpha.fill_(float(on))
-
-
-class WeightAverager:
-    """fp32 EMA of the weights and/or SWA snapshots (of the raw weights, or of the EMA for ema+swa)."""
-
-    def __init__(self, model: GPT, args: Hyperparameters):
-        self.args, self.mode = args, args.averaging
-        self.params = [p for p in model.state_dict().values() if p.is_floating_point()]
-        self.ema = [p.detach().float().clone() for p in self.params] if "ema" in self.mode else None
-        self.swa_sum, self.swa_n, self.ema_n = None, 0, 0
-
-    def ema_decay(self, n: int) -> float:
-        """Decay of the n-th EMA update: warmed up as (1+n)/(10+n) so that short runs do not export
-        mostly the initial weights, capped at EMA_DECAY."""
-        return min(self.args.ema_decay, (1 + n) / (10 + n))
-
-    @torch.no_grad()
-    def update(self, step: int, progress: float):
-        a = self.args
-        if self.ema is not None and step % a.ema_every == 0:
-            self.ema_n += 1
-            torch._foreach_lerp_(self.ema, [p.float() for p in self.params], 1 - self.ema_decay(self.ema_n))
-        if "swa" in self.mode and progress >= a.swa_start_frac and step % a.swa_every == 0:
-            src = self.ema if self.mode == "ema+swa" else [p.float() for p in self.params]
-            if self.swa_sum is None:
-                self.swa_sum = [t.clone() for t in src]
-            else:
-                torch._foreach_add_(self.swa_sum, src)
-            self.swa_n += 1
-
-    @torch.no_grad()
-    def apply(self, model: GPT, rt: Runtime) -> str:
-        """Load the averaged weights into the model; returns what was exported, truthfully."""
-        if "swa" in self.mode and self.swa_n == 0:
-            rt.log(f"warning: AVERAGING={self.mode} but no SWA snapshot was taken (SWA_START_FRAC not reached)")
-        if "swa" in self.mode and self.swa_n:
-            src, used = [t / self.swa_n for t in self.swa_sum], self.mode
-        elif self.ema is not None:
-            src, used = self.ema, "ema"
-        else:
-            src, used = None, "none"
-        if src is not None:
-            for p, s in zip(self.params, src):
-                p.copy_(s)
-        rt.log(f"averaging exported:{used} ema_updates:{self.ema_n} swa_snapshots:{self.swa_n}")
-        return used
-
-
-def all_reduce_grads(params: list[Tensor], rt: Runtime):
-    if rt.world_size == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.AVG if rt.device.type == "cuda" else dist.ReduceOp.SUM)
-    if rt.device.type != "cuda":  # gloo has no AVG
-        flat /= rt.world_size
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(p)
-        offset += g.numel()
-
-
-def train_step(model_fn, model: GPT, opts, micro_batches, args: Hyperparameters, rt: Runtime) -> Tensor:
-    total = torch.zeros((), device=rt.device)
-    for x, y in micro_batches:
-        with rt.autocast_ctx():
-            loss = model_fn(x, y)
-        (loss / len(micro_batches)).backward()
-        total += loss.detach()
-    params = list(model.parameters())
-    all_reduce_grads(params, rt)
-    if args.grad_clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip_norm)
-    for opt in opts:
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    return total / len(micro_batches)
-
-
-def grad_accum_steps(args: Hyperparameters, rt: Runtime) -> int:
-    accum = args.grad_accum_steps or (8 // rt.world_size if 8 % rt.world_size == 0 else 1)
-    if args.train_batch_tokens % (rt.world_size * accum * args.train_seq_len):
-        raise ConfigError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} is not divisible by world_size {rt.world_size} "
-                          f"x GRAD_ACCUM_STEPS {accum} x TRAIN_SEQ_LEN {args.train_seq_len}")
-    return accum
-
-
-def prime_compile(model: GPT, model_fn, args: Hyperparameters, rt: Runtime, loader: TrainLoader):
-    """Compile, before the clock starts, every graph the run will use: WARMUP_STEPS real steps
-    (plain, then looped), then with COMPILE the evaluation graphs at their real shapes, then restore
-    the initial weights; optimizers are rebuilt by the caller."""
-    if args.warmup_steps == 0:
-        return
-    t0 = time.perf_counter()
-    initial = copy.deepcopy(model.state_dict())
-    opts = build_optimizers(model, args, rt)
-    for i in range(args.warmup_steps):
-        model.looping = args.num_loops > 1 and i >= args.warmup_steps // 2
-        train_step(model_fn, model, opts, loader.next_batch(), args, rt)
-    model.load_state_dict(initial)
-    model.looping = False
-    rt.sync()
-    rt.log(f"warmup steps:{args.warmup_steps} ms:{1000 * (time.perf_counter() - t0):.0f} (compile priming, weights restored)")
-    if rt.compile:
-        prime_eval_graphs(model, args, rt)
-
-
-def prime_eval_graphs(model: GPT, args: Hyperparameters, rt: Runtime):
-    """Run each compiled evaluation once on a dummy stream, at the shapes of the real one: the
-    training model's evaluation (periodic validation, final_prequant) in each layer order it may
-    have, then, on a fresh model built like the artifact's (no fake-quantizers, the final layer
-    order), the standard/sliding evaluation and chunk TTT's scoring and training step. Phased TTT
-    runs eagerly and compiles nothing. Each line gives a first call's time (compile + one run)."""
-    dummy = torch.arange(max(2 * args.eval_seq_len, args.ttt_chunk_tokens + 2) + 1) % args.vocab_size
-    dummy_bytes = torch.ones_like(dummy, dtype=torch.int32)
-    final_looping = args.num_loops > 1 and args.enable_looping_at < 1
-    artifact_like = GPT(args, model.blocks[0].attn.backend).to(rt.device)
-    artifact_like.looping = final_looping
-    calls = [(f"eval_training_model looping:{int(looping)}", model, looping, lambda m: evaluate(m, dummy, dummy_bytes, args, rt, args.eval_seq_len))
-             for looping in sorted({final_looping} | ({False, True} if args.val_loss_every and args.num_loops > 1 else set()))]
-    calls.append((f"eval_artifact_model looping:{int(final_looping)}", artifact_like, final_looping,
-                  lambda m: evaluate(m, dummy, dummy_bytes, args, rt, args.eval_seq_len)))
-    if args.ttt_enabled:
-        calls.append(("ttt_score_and_step", artifact_like, final_looping,
-                      lambda m: evaluate_ttt(m, dummy[:args.ttt_chunk_tokens + 2], dummy_bytes[:args.ttt_chunk_tokens + 2], args, rt, time.perf_counter())))
-    for name, target, looping, call in calls:
-        t0 = time.perf_counter()
-        target.looping = looping
-        call(target)
-        rt.sync()
-        rt.log(f"compile_warmup graph:{name} ms:{1000 * (time.perf_counter() - t0):.0f}")
-    model.looping = False
-
-
-@dataclass
-class TrainResult:
-    steps: int
-    train_ms: float  # the training loop's time, periodic validation left out
-    loader: TrainLoader  # where calibration continues: data the model has not seen
-
-
-def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | None, val_bytes: Tensor | None) -> TrainResult:
-    accum = grad_accum_steps(args, rt)
-    model_fn = torch.compile(model) if rt.compile else model
-    prime_compile(model, model_fn, args, rt, TrainLoader(args, rt, accum))
-    loader = TrainLoader(args, rt, accum)
-    opts = build_optimizers(model, args, rt)
-    averager = WeightAverager(model, args)
-    qat_on = False
-    step, step_ms = 0, 0.0
-    limit_s = args.max_wallclock_seconds - args.gptq_reserve_seconds if args.max_wallclock_seconds > 0 else math.inf
-    rt.sync()
-    budget = TimeBudget(rt, time.perf_counter(), limit_s,
-                        lambda at, elapsed: f"stopping_early: wallclock_cap train_time:{1000 * elapsed:.0f} step:{at}")
-    while True:
-        last = step == args.iterations
-        if val_tokens is not None and args.val_loss_every and step > 0 and (last or step % args.val_loss_every == 0):
-            with budget.paused():
-                train_ms = 1000 * budget.elapsed()
-                r = evaluate(model, val_tokens, val_bytes, args, rt, args.eval_seq_len)
-                rt.log(f"step:{step}/{args.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
-                       f"train_time:{train_ms:.0f} step_avg:{train_ms / max(step, 1):.2f}")
-        if last:
-            break
-        elapsed = 1000 * budget.elapsed()
-        progress = training_progress(args, step, elapsed)
-        if args.num_loops > 1 and not model.looping and progress >= args.enable_looping_at:
-            model.looping = True
-            rt.log(f"looping_enabled step:{step} train_time:{elapsed:.0f} layers:{','.join(map(str, model.layer_order()))}")
-        scale = lr_scale(args, step, progress, warmdown_fraction(args, step_ms))
-        if args.late_qat_threshold > 0 and not qat_on and step >= args.lr_warmup_steps and scale < args.late_qat_threshold:
-            set_late_qat(model, True)
-            qat_on = True
-            rt.log(f"late_qat_enabled step:{step} lr_scale:{scale:.4f}")
-        mom_frac = min(1.0, step / args.muon_momentum_warmup_steps) if args.muon_momentum_warmup_steps else 1.0
-        for opt in opts:
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * scale
-                if isinstance(opt, Muon):
-                    g["momentum"] = (1 - mom_frac) * args.muon_momentum_warmup_start + mom_frac * args.muon_momentum
-        loss = train_step(model_fn, model, opts, loader.next_batch(), args, rt)
-        step += 1
-        averager.update(step, progress)
-        budget.pace()
-        elapsed = 1000 * budget.elapsed()
-        step_ms = elapsed / step
-        stop = not budget.allows(0.0, None)
-        if stop or step % args.train_log_every == 0 or step == args.iterations:
-            loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
-            rt.log(f"step:{step}/{args.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f} "
-                   f"step_avg:{step_ms:.2f} tok_s:{args.train_batch_tokens / step_ms * 1000:.0f}")
-        if stop:
-            rt.log(budget.stop_line(f"{step}/{args.iterations}", elapsed / 1000))
-            break
-    rt.sync()
-    train_ms = 1000 * budget.elapsed()
-    averager.apply(model, rt)
-    return TrainResult(step, train_ms, loader)
-
-
-# -----------------------------------------------------------------------------
-# EXPORT, ROUND TRIP AND MAIN
-# -----------------------------------------------------------------------------
-
-
-def calibration_batches(model: GPT, args: Hyperparameters, rt: Runtime, loader: TrainLoader):
-    """Training data the model has not yet seen (never validation data), or self-generated text."""
-    if args.gptq_calibration == "selfgen":
-        seqs = max(1, args.train_batch_tokens // (args.train_seq_len * rt.world_size * loader.grad_accum))
-        return self_generated_batches(model, args, rt, -(-args.gptq_calibration_batches // rt.world_size), seqs)
-    # Whole global batches, so every world size calibrates on the same tokens.
-    batches = []
-    while len(batches) * rt.world_size < args.gptq_calibration_batches:
-        batches.extend(loader.next_batch())
-    return batches
-
-
-def timed(fn, rt: Runtime) -> float:
-    t0 = time.perf_counter()
-    fn()
-    rt.sync()
-    return time.perf_counter() - t0
-
-
-def predict_export_seconds(model: GPT, args: Hyperparameters, rt: Runtime) -> dict[str, float]:
-    """Calibration, quantization and compression seconds, predicted before training from one timed
-    sample of each scaled by size (their cost does not depend on the weights' values)."""
-    accum = grad_accum_steps(args, rt)
-    seqs = max(1, args.train_batch_tokens // (args.train_seq_len * rt.world_size * accum))
-    g = torch.Generator(device=rt.device).manual_seed(0)  # leaves the global RNG, and so training, untouched
-    x = torch.randint(0, args.vocab_size, (seqs, args.train_seq_len), device=rt.device, generator=g)
-    looping, model.looping = model.looping, args.num_loops > 1
-    collect_hessians(model, [(x, None)], rt)  # warm-up: first calls pay for library initialisation
-    batch_s = timed(lambda: collect_hessians(model, [(x, None)], rt), rt)
-    model.looping = looping
-    if args.gptq_calibration == "selfgen":
-        batch_s *= args.train_seq_len / 2  # one forward per generated token, over half a sequence on average
-    per_rank = -(-args.gptq_calibration_batches // (rt.world_size * accum)) * accum
-    pred = dict(calibration=batch_s * per_rank, quantize=0.0, compress=0.0)
-    if rt.master:
-        shapes, raw_bytes = {}, 0
-        for name, m in quantizable_modules(model):
-            spec = quant_spec(name, m.weight.numel(), args)
-            raw_bytes += m.weight.numel() * (1 if spec else 2)
-            if spec:
-                shapes[tuple(m.weight.shape), spec] = shapes.get((tuple(m.weight.shape), spec), 0) + 1
-        for (shape, (bits, clip)), n in shapes.items():
-            w = torch.randn(shape, device=rt.device, generator=g)
-            H = torch.eye(shape[1], device=rt.device) if args.quant == "gptq" else None
-            pred["quantize"] += n * timed(lambda: quantize_tensor(w, H, bits, clip, args), rt)
-        if args.lqer_rank and shapes:
-            w = torch.randn(max(shapes, key=lambda k: math.prod(k[0]))[0], device=rt.device, generator=g).cpu()
-            qt, _ = quantize_tensor(w, None, 6, 12.0, args)
-            pred["quantize"] += args.lqer_top_k * timed(lambda: lqer_factors(w, qt, args.lqer_rank), rt)
-        sample = np.clip(np.random.default_rng(0).normal(32, 2.6, min(raw_bytes, CHUNK_BYTES)), 1, 63).astype(np.uint8).tobytes()
-        rounds = -(-math.ceil(raw_bytes / CHUNK_BYTES) // (args.compress_workers or usable_cpus()))
-        for cand, lvl in compression_candidates(args):
-            pred["compress"] += rounds * timed(lambda: compress_chunk((cand, lvl, sample)), rt)
-    for k in sorted(pred):
-        pred[k] = rt.all_reduce(torch.tensor(pred[k], device=rt.device), dist.ReduceOp.MAX).item()
-    return pred
-
-
-def resolve_gptq_reserve(model: GPT, args: Hyperparameters, rt: Runtime):
-    """GPTQ_RESERVE_SECONDS=auto: the predicted export time with a 25% + 2 s margin (0 without a cap)."""
-    if args.gptq_reserve_seconds != "auto":
-        return
-    if args.max_wallclock_seconds <= 0:
-        args.gptq_reserve_seconds = 0.0
-        return
-    pred = predict_export_seconds(model, args, rt)
-    args.gptq_reserve_seconds = round(1.25 * sum(pred.values()) + 2.0, 1)
-    rt.log(f"gptq_reserve seconds:{args.gptq_reserve_seconds} source:auto " + " ".join(f"{k}_s:{v:.2f}" for k, v in pred.items()))
-
-
-def bits_to_lower(model: GPT, args: Hyperparameters, errors: dict, override: dict, excess: int) -> list[tuple[str, int, int]]:
-    """Tensors whose precision costs least to lower by one bit (Hessian-weighted error added per
-    estimated byte saved), until the estimated saving covers the excess. Matrices kept in fp16 go
-    to 8 bits first: near-lossless, and the only way under the budget for models of small matrices."""
-    cands = []
-    for name, m in quantizable_modules(model):
-        spec = quant_spec(name, m.weight.numel(), args, override)
-        if spec is None:
-            _, clip = quant_spec(name, m.weight.numel(), args, {name: 8})
-            saved = m.weight.numel() * (2 - estimate_quantized_bits(8, clip) / 8) - 2 * m.weight.size(0)
-            if saved > 0:
-                cands.append((0.0, name, 16, 8, saved))
-        elif spec[0] > 2:
-            bits, clip = spec
-            saved = m.weight.numel() * (estimate_quantized_bits(bits, clip) - estimate_quantized_bits(bits - 1, clip)) / 8
-            # rounding error variance grows ~4x per bit removed
-            cands.append((3 * errors[name + ".weight"] / max(saved, 1.0), name, bits, bits - 1, saved))
-    chosen, total = [], 0.0
-    for _, name, bits, new, saved in sorted(cands):
-        if total >= 1.1 * excess:
-            break
-        chosen.append((name, bits, new))
-        total += saved
-    return chosen
-
-
-def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime, hessians: dict, code_bytes: int, path: str) -> str:
-    """Quantize, pack, compress and write the artifact (rank 0), lowering bits where it costs least
-    until code + model fit ARTIFACT_BUDGET (or, when nothing is left to lower, logging the smallest
-    size reachable). Quantized tensors and compressed chunks are cached, so a refit redoes only the
-    tensors it lowers. Returns the compressor used."""
-    override, qcache, ccache = {}, {}, {}
-    meta = dict(config=args.model_config(), looping=model.looping, byte_accounting=args.byte_accounting)
-    while True:
-        t0, done = time.perf_counter(), sum(len(k) == 2 for k in qcache)
-        qstate, errors = quantize_model(model, args, hessians, override, qcache)
-        rt.log(f"quantize method:{args.quant} tensors:{len(errors)} new:{sum(len(k) == 2 for k in qcache) - done} "
-               f"lqer:{min(args.lqer_top_k, len(errors)) if args.lqer_rank else 0} seconds:{time.perf_counter() - t0:.2f}")
-        bits = {k: v.bits for k, v in qstate.items() if isinstance(v, QTensor)}
-        chunks = serialize_chunks(qstate, dict(meta, bits=bits), args.pack_bits)
-        comp, data = compress_payload(chunks, args, rt, ccache)
-        total = code_bytes + artifact_file_bytes(comp, data)
-        if total <= args.artifact_budget:
-            break
-        lower = bits_to_lower(model, args, errors, override, total - args.artifact_budget)
-        if not lower:  # every matrix at 2 bits: write it; the run then fails as over budget
-            rt.log(f"error: artifact_budget_unreachable limit:{args.artifact_budget} smallest_reachable:{total}")
-            break
-        for name, old, new in lower:
-            override[name] = new
-            rt.log(f"budget_fit tensor:{name} bits:{old}->{new} over_by:{total - args.artifact_budget}")
-    write_artifact(path, comp, data)
-    return comp
-
-
-def model_from_artifact(meta: dict, state: dict, args: Hyperparameters, rt: Runtime, backend: str) -> GPT:
-    model = GPT(args, backend).to(rt.device)
-    model.load_state_dict({k: v.to(rt.device) for k, v in state.items()}, strict=True)
-    model.looping = meta["looping"]
-    return model
-
-
 def final_evaluations(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args: Hyperparameters, rt: Runtime, eval_t0: float) -> tuple[str, EvalResult]:
     """final_roundtrip, then final_sliding, final_ttt and final_phased_ttt when enabled; returns the
     last one, the run's score. Both TTTs start from the artifact's weights."""
@@ -2586,20 +2623,9 @@ def final_evaluations(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args: H
     return label, result
 
 
-def peak_memory_mib(rt: Runtime) -> float:
-    if rt.device.type == "cuda":
-        return torch.cuda.max_memory_allocated(rt.device) / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def check_artifact_accounting(meta: dict, args: Hyperparameters, path: str) -> None:
-    """A CaseOps model scored with LUT bytes, or a plain one with sidecar bytes, is an error
-    (artifacts from before the key existed were plain)."""
-    trained = meta.get("byte_accounting", "luts")
-    if trained != args.byte_accounting:
-        raise ConfigError(f"{path} was trained with byte_accounting:{trained}; scoring it with "
-                          f"byte_accounting:{args.byte_accounting} (TOKENIZER_PATH, DATA_PATH) would give a wrong val_bpb")
+# -----------------------------------------------------------------------------
+# MAIN: TRAIN AND EXPORT, THEN EVALUATE THE ARTIFACT
+# -----------------------------------------------------------------------------
 
 
 def adopt_artifact_config(args: Hyperparameters, meta: dict) -> None:
@@ -2616,6 +2642,13 @@ def adopt_artifact_config(args: Hyperparameters, meta: dict) -> None:
         args.sources[n] = "artifact"
     args.artifact_tokenizer_sha256 = cfg.get("TOKENIZER_SHA256", "")
     args.resolve()
+
+
+def peak_memory_mib(rt: Runtime) -> float:
+    if rt.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(rt.device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def train_and_export(args: Hyperparameters, rt: Runtime, backend: str, code_bytes: int, validation,
