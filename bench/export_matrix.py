@@ -92,6 +92,10 @@ def roundtrip_bpb(raw: bytes, args, rt, val_tokens, val_bytes) -> float:
     return tg.evaluate(model, val_tokens, val_bytes, args, rt, args.eval_seq_len).val_bpb
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def record_shape_model(args):
     """The default record-shape model with random weights shaped like trained ones: zero-initialised
     projections get the orthogonal init of the others, and the small fp16 tensors (norm scales,
@@ -155,7 +159,7 @@ def record_payload(opts) -> int:
     est = tg.estimate_artifact_bytes(model, args, code_bytes)
     actual = code_bytes + tg.artifact_file_bytes("brotli", tg.frame_chunks(pooled))
     header = ["option", "bytes", "vs reference", "compress CPU s", "decompress CPU s"]
-    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    table = markdown_table(header, rows)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
     section = [
         "", f"### Compression at the record size (`bench/export_matrix.py --record-payload`), {stamp} UTC, commit {git_commit()}, {cpu_machine()}", "",
@@ -233,7 +237,7 @@ def main(argv=None) -> int:
 
     header = ["variant", "roundtrip bpb", "gap", "quantize s", "zstd-22 bytes (comp/decomp s)",
               "brotli-11", "lzma-9e", "brotli-11 bit-packed", "rANS + best generic"]
-    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    table = markdown_table(header, rows)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
     section = [
         "", f"## Export matrix (`bench/export_matrix.py`), {stamp} UTC, commit {git_commit()}, {cpu_machine()}", "",
