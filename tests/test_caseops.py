@@ -308,6 +308,7 @@ def test_every_evaluation_sums_the_given_target_bytes():
 
 @pytest.mark.slow
 @needs_shared("tokenizers", "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
+@needs_shared("tokenizers", "fineweb_8192_bpe.model")
 @needs_shared("corpora", "english.jsonl")
 def test_train_gpt_scores_a_caseops_dataset_on_its_original_bytes(tmp_path, tiny_env):
     summary = write_shards(corpus_texts(120), CASEOPS_MODEL, tmp_path / "data", val_docs=20, caseops=True)
@@ -318,8 +319,13 @@ def test_train_gpt_scores_a_caseops_dataset_on_its_original_bytes(tmp_path, tiny
     for label in ("final_prequant", "final_roundtrip", "final_sliding", "final_ttt"):
         assert int(log_value(log, label, "bytes")) == summary["bytes_val"]
         assert int(log_value(log, label, "tokens")) == summary["tokens_val"] - 1
-    proc, log = run_train(dict(env, TOKENIZER_PATH=str(TINY / "tokenizer.model"), VOCAB_SIZE="512"), tmp_path, check=False)
-    assert proc.returncode != 0 and "has fineweb_val_bytes" in proc.stderr
+    # the plain sp8192 tokenizer on these shards: with the tokenizer record the identity check refuses it;
+    # without it the sidecar does
+    proc, _ = run_train(dict(env, TOKENIZER_PATH=str(SP8192_MODEL), RUN_ID="plain"), tmp_path, check=False)
+    assert proc.returncode != 0 and "sha256" in proc.stderr, proc.stderr
+    (tmp_path / "data" / tg.TOKENIZER_RECORD).unlink()
+    proc, _ = run_train(dict(env, TOKENIZER_PATH=str(SP8192_MODEL), RUN_ID="plain2"), tmp_path, check=False)
+    assert proc.returncode != 0 and "has fineweb_val_bytes" in proc.stderr, proc.stderr
 
 
 def test_download_plan_for_caseops_adds_a_byte_sidecar_per_val_shard(tmp_path, capsys):
