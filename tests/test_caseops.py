@@ -123,6 +123,7 @@ def lut_bytes(sp, luts, text):
     return int(tg.target_bytes(ids[:-1], ids[1:], luts).sum())
 
 
+@pytest.mark.slow
 @needs_shared("tokenizers", "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
 @needs_shared("tokenizers", "fineweb_8192_bpe.model")
 @needs_shared("corpora", "english.jsonl")

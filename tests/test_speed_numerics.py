@@ -158,6 +158,7 @@ def test_wallclock_cap_still_stops_after_the_first_step(tmp_path):
     assert "stopping_early: wallclock_cap" in (tmp_path / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_ranks_that_disagree_on_the_clock_stop_after_the_same_step(tmp_path):
     verdicts = two_rank_run("stop_dist.py", tmp_path)
     # rank 0 is over budget from step 2, rank 1 from step 3: both stop at step 2
