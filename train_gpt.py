@@ -74,7 +74,7 @@ K = Knob
 KNOBS = [
     # run and data
     K("DATA_PATH", "./data/datasets/fineweb10B_sp8192", str, "directory with fineweb_{train,val}_*.bin shards"),
-    K("TOKENIZER_PATH", "./data/tokenizers/fineweb_8192_bpe.model", str, "SentencePiece model used for the byte LUTs"),
+    K("TOKENIZER_PATH", "./data/tokenizers/fineweb_8192_bpe.model", str, "SentencePiece model: its identity is checked, its byte LUTs count val bytes (CaseOps: the sidecar does)"),
     K("CASEOPS", "auto", ("auto", "0", "1"), "val bytes from the fineweb_val_bytes_* sidecar (auto: iff the tokenizer is CaseOps; 0/1 also assert it)"),
     K("VOCAB_SIZE", 8192, int, "vocabulary size; must equal the tokenizer's", 2),
     K("RUN_ID", "", str, "log/artifact name (default: a fresh uuid)"),
@@ -338,7 +338,7 @@ class Hyperparameters:
     def resolve(self):
         """Derived values, then the consistency checks."""
         self.ve_layer_ids = self.parse_layer_list("VE_LAYERS", self.ve_layers) if self.ve_dim else []
-        self.byte_accounting = "luts"  # main() resolves it against the tokenizer and DATA_PATH
+        self.byte_accounting = "luts"  # run() resolves it against the tokenizer and DATA_PATH
         self.check()
 
     def parse_layer_list(self, name: str, raw: str) -> list[int]:
@@ -402,6 +402,7 @@ class Runtime:
     log_fd: int | None = None  # held open (and locked, see open_run_log) for the whole run
     log_failed: bool = False
     host_group: object = None  # gloo group for host-side flags under NCCL (None: the default group)
+    muted: bool = False  # logs nothing (the warm-up's dummy evaluations)
 
     def __post_init__(self):
         if self.log_path and self.log_fd is None:
@@ -412,7 +413,7 @@ class Runtime:
         return self.rank == 0
 
     def log(self, msg: str, console: bool = True):
-        if not self.master:
+        if not self.master or self.muted:
             return
         if console:
             print(msg, flush=True)
@@ -1452,20 +1453,20 @@ def prime_compile(model: GPT, model_fn, args: Hyperparameters, rt: Runtime, load
     """Compile, before the clock starts, every graph the run will use: WARMUP_STEPS real steps
     (plain, then looped), then with COMPILE the evaluation graphs at their real shapes, then restore
     the initial weights; optimizers are rebuilt by the caller."""
-    if args.warmup_steps == 0:
-        return
-    t0 = time.perf_counter()
-    initial = copy.deepcopy(model.state_dict())
-    opts = build_optimizers(model, args, rt)
-    for i in range(args.warmup_steps):
-        model.looping = args.num_loops > 1 and i >= args.warmup_steps // 2
-        train_step(model_fn, model, opts, loader.next_batch(), args, rt)
-    model.load_state_dict(initial)
-    model.looping = False
-    rt.sync()
-    rt.log(f"warmup steps:{args.warmup_steps} ms:{1000 * (time.perf_counter() - t0):.0f} (compile priming, weights restored)")
+    if args.warmup_steps:
+        t0 = time.perf_counter()
+        initial = copy.deepcopy(model.state_dict())
+        opts = build_optimizers(model, args, rt)
+        for i in range(args.warmup_steps):
+            model.looping = args.num_loops > 1 and i >= args.warmup_steps // 2
+            train_step(model_fn, model, opts, loader.next_batch(), args, rt)
+        model.load_state_dict(initial)
+        model.looping = False
+        rt.sync()
+        rt.log(f"warmup steps:{args.warmup_steps} ms:{1000 * (time.perf_counter() - t0):.0f} (compile priming, weights restored)")
     if rt.compile:
-        prime_eval_graphs(model, args, rt)
+        with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):  # eager and compiled runs draw the same
+            prime_eval_graphs(model, args, rt)
 
 
 def prime_eval_graphs(model: GPT, args: Hyperparameters, rt: Runtime):
@@ -1473,19 +1474,21 @@ def prime_eval_graphs(model: GPT, args: Hyperparameters, rt: Runtime):
     training model's evaluation (periodic validation, final_prequant) in each layer order it may
     have, then, on a fresh model built like the artifact's (no fake-quantizers, the final layer
     order), the standard/sliding evaluation and chunk TTT's scoring and training step. Phased TTT
-    runs eagerly and compiles nothing. Each line gives a first call's time (compile + one run)."""
+    runs eagerly and compiles nothing. Each line gives a first call's time (compile + one run); the
+    dummy evaluations themselves log nothing."""
+    quiet = replace(rt, muted=True)
     dummy = torch.arange(max(2 * args.eval_seq_len, args.ttt_chunk_tokens + 2) + 1) % args.vocab_size
     dummy_bytes = torch.ones_like(dummy, dtype=torch.int32)
     final_looping = args.num_loops > 1 and args.enable_looping_at < 1
     artifact_like = GPT(args, model.blocks[0].attn.backend).to(rt.device)
     artifact_like.looping = final_looping
-    calls = [(f"eval_training_model looping:{int(looping)}", model, looping, lambda m: evaluate(m, dummy, dummy_bytes, args, rt, args.eval_seq_len))
+    calls = [(f"eval_training_model looping:{int(looping)}", model, looping, lambda m: evaluate(m, dummy, dummy_bytes, args, quiet, args.eval_seq_len))
              for looping in sorted({final_looping} | ({False, True} if args.val_loss_every and args.num_loops > 1 else set()))]
     calls.append((f"eval_artifact_model looping:{int(final_looping)}", artifact_like, final_looping,
-                  lambda m: evaluate(m, dummy, dummy_bytes, args, rt, args.eval_seq_len)))
+                  lambda m: evaluate(m, dummy, dummy_bytes, args, quiet, args.eval_seq_len)))
     if args.ttt_enabled:
         calls.append(("ttt_score_and_step", artifact_like, final_looping,
-                      lambda m: evaluate_ttt(m, dummy[:args.ttt_chunk_tokens + 2], dummy_bytes[:args.ttt_chunk_tokens + 2], args, rt, time.perf_counter())))
+                      lambda m: evaluate_ttt(m, dummy[:args.ttt_chunk_tokens + 2], dummy_bytes[:args.ttt_chunk_tokens + 2], args, quiet, time.perf_counter())))
     for name, target, looping, call in calls:
         t0 = time.perf_counter()
         target.looping = looping
@@ -1849,7 +1852,7 @@ def predict_export_seconds(model: GPT, args: Hyperparameters, rt: Runtime) -> di
     if args.gptq_calibration == "selfgen":
         batch_s *= args.train_seq_len / 2  # one forward per generated token, over half a sequence on average
     per_rank = -(-args.gptq_calibration_batches // (rt.world_size * accum)) * accum
-    pred = dict(calibration=batch_s * per_rank, quantize=0.0, compress=0.0)
+    pred = dict(calibration=batch_s * per_rank if args.quant == "gptq" else 0.0, quantize=0.0, compress=0.0)
     if rt.master:
         shapes, raw_bytes = {}, 0
         for name, m in quantizable_modules(model):
@@ -1895,7 +1898,7 @@ def bits_to_lower(model: GPT, args: Hyperparameters, errors: dict, override: dic
         spec = quant_spec(name, m.weight.numel(), args, override)
         if spec is None:
             _, clip = quant_spec(name, m.weight.numel(), args, {name: 8})
-            saved = m.weight.numel() * (2 - estimate_quantized_bits(8, clip) / 8) - 2 * m.weight.size(0)
+            saved = m.weight.numel() * (2 - estimate_quantized_bits(8, clip) / 8) - SCALE_CODE_BYTES * m.weight.size(0)
             if saved > 0:
                 cands.append((0.0, name, 16, 8, saved))
         elif spec[0] > 2:
@@ -2335,16 +2338,18 @@ def log_progress(rt: Runtime, phase: str, done: int, total: int, t0: float):
     rt.log(f"progress phase:{phase} done:{done} total:{total} elapsed_s:{elapsed:.1f} eta_s:{eta:.1f}")
 
 
+def eval_batch_seqs(args: Hyperparameters, rt: Runtime) -> int:
+    """Windows per scoring forward per rank: EVAL_BATCH_SEQS, capped by VAL_BATCH_SIZE (the baseline's knob)."""
+    return max(1, min(args.eval_batch_seqs, args.val_batch_size // (args.eval_seq_len * rt.world_size)))
+
+
 def evaluate(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args: Hyperparameters, rt: Runtime, stride: int,
              label: str = "") -> EvalResult:
     """Standard (stride == EVAL_SEQ_LEN) or sliding-window evaluation of the whole stream."""
     t0 = time.perf_counter()
     model.eval()
     ev = Evaluator(model, val_tokens, val_bytes, args, rt)
-    seq_len = args.eval_seq_len
-    # VAL_BATCH_SIZE (the baseline's knob) sizes standard batches, capped so logits fit in memory
-    batch_seqs = max(1, min(args.eval_batch_seqs, args.val_batch_size // (seq_len * rt.world_size)))
-    ev.score(plan_windows(1, val_tokens.numel() - 1, seq_len, stride), batch_seqs, label)
+    ev.score(plan_windows(1, val_tokens.numel() - 1, args.eval_seq_len, stride), eval_batch_seqs(args, rt), label)
     model.train()
     return ev.result(t0)
 
@@ -2427,7 +2432,7 @@ def evaluate_ttt(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args: Hyperp
     for index, (first, last) in enumerate(chunks):
         model.eval()
         with budget.timed("score", last - first, last - first + 1):
-            ev.score(plan_windows(first, last, args.eval_seq_len, stride), args.eval_batch_seqs, token_losses=token_losses)
+            ev.score(plan_windows(first, last, args.eval_seq_len, stride), eval_batch_seqs(args, rt), token_losses=token_losses)
         trained = (last - first + 1) * args.ttt_epochs
         need = budget.seconds("score", final_target - last) + budget.seconds("train", trained)
         if index == len(chunks) - 1 or not budget.allows(need, f"chunk:{index}/{len(chunks)}"):
@@ -2605,20 +2610,22 @@ def evaluate_phased_ttt(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args:
 
 
 def final_evaluations(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args: Hyperparameters, rt: Runtime, eval_t0: float) -> tuple[str, EvalResult]:
-    """final_roundtrip, then final_sliding, final_ttt and final_phased_ttt when enabled; returns the
-    last one, the run's score. Both TTTs start from the artifact's weights."""
+    """final_roundtrip, then final_sliding and final_ttt or final_phased_ttt when enabled; returns the
+    last one, the run's score. With phased TTT, chunk TTT is skipped: it would spend the evaluation
+    clock that phased TTT needs on a result that is not the score."""
     L = args.eval_seq_len
     label, result = "final_roundtrip", evaluate(model, val_tokens, val_bytes, args, rt, L, "roundtrip")
     rt.log(result.line(label))
     if 0 < args.eval_stride < L:
         label, result = "final_sliding", evaluate(model, val_tokens, val_bytes, args, rt, args.eval_stride, "sliding")
         rt.log(result.line(label))
-    pristine = copy.deepcopy(model) if args.ttt_enabled and args.phased_ttt_enabled else model
-    if args.ttt_enabled:
-        label, result = "final_ttt", evaluate_ttt(model, val_tokens, val_bytes, args, rt, eval_t0)
-        rt.log(result.line(label))
     if args.phased_ttt_enabled:
-        label, result = "final_phased_ttt", evaluate_phased_ttt(pristine, val_tokens, val_bytes, args, rt, eval_t0)
+        if args.ttt_enabled:
+            rt.log("ttt_skipped reason:phased_ttt_enabled")
+        label, result = "final_phased_ttt", evaluate_phased_ttt(model, val_tokens, val_bytes, args, rt, eval_t0)
+        rt.log(result.line(label))
+    elif args.ttt_enabled:
+        label, result = "final_ttt", evaluate_ttt(model, val_tokens, val_bytes, args, rt, eval_t0)
         rt.log(result.line(label))
     return label, result
 
@@ -2667,11 +2674,10 @@ def train_and_export(args: Hyperparameters, rt: Runtime, backend: str, code_byte
     trained = train(model, args, rt, *(validation() if args.val_loss_every else (None, None)))
     t0 = time.perf_counter()
     set_late_qat(model, False)
-    hessians = {}
-    if args.quant == "gptq":
-        hessians = collect_hessians(model, calibration_batches(model, args, rt, trained.loader), rt)
+    batches = calibration_batches(model, args, rt, trained.loader) if args.quant == "gptq" else []
+    hessians = collect_hessians(model, batches, rt) if batches else {}
     calib_s = time.perf_counter() - t0
-    rt.log(f"gptq_calibration seconds:{calib_s:.2f} batches:{args.gptq_calibration_batches if hessians else 0} "
+    rt.log(f"gptq_calibration seconds:{calib_s:.2f} batches:{len(batches) * rt.world_size} "
            f"source:{args.gptq_calibration if hessians else 'none'}")
     if rt.master:
         export_artifact(model, args, rt, hessians, code_bytes, path)
@@ -2724,7 +2730,11 @@ def run(args: Hyperparameters, rt: Runtime):
     rt.log(f"byte_accounting:{args.byte_accounting} tokenizer:{args.tokenizer_path}")
     backend, reason = select_attention_backend(args.attn_backend, rt.device)
     rt.log(f"attention_backend:{backend} reason:{reason}")
-    validation = functools.cache(lambda: load_validation(args, luts))  # (tokens, bytes), loaded once when first needed
+    validation = functools.cache(lambda: load_validation(args, luts))  # (tokens, bytes), loaded once
+    try:
+        validation()  # before the first step, so that a bad byte sidecar cannot cost a training run
+    except (OSError, ValueError) as e:
+        raise ConfigError(str(e)) from None
     path = args.eval_only or args.artifact_path or f"logs/{args.run_id}.pgart"
     if args.eval_only:
         eval_t0, train_ms = time.perf_counter(), 0.0

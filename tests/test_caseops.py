@@ -327,6 +327,11 @@ def test_train_gpt_scores_a_caseops_dataset_on_its_original_bytes(tmp_path, tiny
     (tmp_path / "data" / tg.TOKENIZER_RECORD).unlink()
     proc, _ = run_train(dict(env, TOKENIZER_PATH=str(SP8192_MODEL), RUN_ID="plain2"), tmp_path, check=False)
     assert proc.returncode != 0 and "has fineweb_val_bytes" in proc.stderr, proc.stderr
+    # a damaged sidecar stops the run before its first step, not after training
+    sidecar = sorted((tmp_path / "data").glob("fineweb_val_bytes_*.bin"))[0]
+    sidecar.write_bytes(sidecar.read_bytes()[:-2])
+    proc, log = run_train(dict(env, RUN_ID="damaged"), tmp_path, check=False)
+    assert proc.returncode != 0 and sidecar.name in proc.stderr and "\nstep:" not in log.split("code_end")[-1], proc.stderr
 
 
 def test_download_plan_for_caseops_adds_a_byte_sidecar_per_val_shard(tmp_path, capsys):

@@ -138,10 +138,11 @@ def test_one_and_two_ranks_agree_and_phased_ttt_is_the_final_result(tmp_path, ti
     _, log1 = run_train(tiny_env, tmp_path)
     assert "global_phases_trained:2" in log1
     assert log_value(log1, "final_result", "label") == "final_phased_ttt"
-    # two ranks, from the artifact, with final_ttt first: phased TTT still starts from the artifact's weights
+    # two ranks, from the artifact, with chunk TTT also asked for: it is skipped, phased TTT is the score
     env = dict(tiny_env, EVAL_ONLY=tiny_env["ARTIFACT_PATH"], RUN_ID="eval2", TTT_ENABLED="1", TTT_CHUNK_TOKENS="512")
     _, log2 = run_train(env, tmp_path, nproc=2)
-    assert "final_ttt " in log2 and log_value(log2, "final_result", "label") == "final_phased_ttt"
+    assert "ttt_skipped reason:phased_ttt_enabled" in log2 and "\nfinal_ttt " not in log2.split("code_end")[-1]
+    assert log_value(log2, "final_result", "label") == "final_phased_ttt"
     assert int(log_value(log2, "final_phased_ttt", "tokens")) == 3000
     # Every document's rows and every TTT gradient are computed the same way on any world size and
     # summed in float64 (exact or nearly for a few fp32 terms): equal to the printed 8 decimals.
