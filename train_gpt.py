@@ -1314,14 +1314,15 @@ def build_optimizers(model: GPT, args: Hyperparameters, rt: Runtime) -> list[tor
     return [adam, muon]
 
 
+def training_seconds(args: Hyperparameters) -> float:
+    """The training loop's time: the wallclock cap less the GPTQ/export reserve (inf without a cap)."""
+    return max(args.max_wallclock_seconds - args.gptq_reserve_seconds, 1e-3) if args.max_wallclock_seconds > 0 else math.inf
+
+
 def training_progress(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
     """Fraction of training done: by steps, or by elapsed time when a wallclock cap is set
     (whichever is further), where the cap excludes the time reserved for GPTQ and export."""
-    p = step / max(args.iterations, 1)
-    if args.max_wallclock_seconds > 0:
-        budget_ms = max(args.max_wallclock_seconds - args.gptq_reserve_seconds, 1e-3) * 1000
-        p = max(p, elapsed_ms / budget_ms)
-    return min(p, 1.0)
+    return min(max(step / max(args.iterations, 1), elapsed_ms / (1000 * training_seconds(args))), 1.0)
 
 
 def warmdown_fraction(args: Hyperparameters, step_ms: float) -> float:
@@ -1331,8 +1332,7 @@ def warmdown_fraction(args: Hyperparameters, step_ms: float) -> float:
     if args.max_wallclock_seconds <= 0:
         return min(1.0, by_steps)
     # whichever limit ends the run first: ITERATIONS, or the wallclock at the measured step time
-    budget_ms = max(args.max_wallclock_seconds - args.gptq_reserve_seconds, 1e-3) * 1000
-    return min(1.0, max(by_steps, args.warmdown_iters * step_ms / budget_ms))
+    return min(1.0, max(by_steps, args.warmdown_iters * step_ms / (1000 * training_seconds(args))))
 
 
 def lr_scale(args: Hyperparameters, step: int, progress: float, warmdown: float) -> float:
@@ -1514,9 +1514,8 @@ def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | N
     averager = WeightAverager(model, args)
     qat_on = False
     step, step_ms = 0, 0.0
-    limit_s = args.max_wallclock_seconds - args.gptq_reserve_seconds if args.max_wallclock_seconds > 0 else math.inf
     rt.sync()
-    budget = TimeBudget(rt, time.perf_counter(), limit_s,
+    budget = TimeBudget(rt, time.perf_counter(), training_seconds(args),
                         lambda at, elapsed: f"stopping_early: wallclock_cap train_time:{1000 * elapsed:.0f} step:{at}")
     while True:
         last = step == args.iterations
