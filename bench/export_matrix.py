@@ -92,6 +92,11 @@ def roundtrip_bpb(raw: bytes, args, rt, val_tokens, val_bytes) -> float:
     return tg.evaluate(model, val_tokens, val_bytes, args, rt, args.eval_seq_len).val_bpb
 
 
+def report_heading(title: str) -> str:
+    """A RESULTS.md heading that says when, at which commit and on what machine."""
+    return f"{title}, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit()}, {cpu_machine()}"
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -160,9 +165,8 @@ def record_payload(opts) -> int:
     actual = code_bytes + tg.artifact_file_bytes("brotli", tg.frame_chunks(pooled))
     header = ["option", "bytes", "vs reference", "compress CPU s", "decompress CPU s"]
     table = markdown_table(header, rows)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
     section = [
-        "", f"### Compression at the record size (`bench/export_matrix.py --record-payload`), {stamp} UTC, commit {git_commit()}, {cpu_machine()}", "",
+        "", report_heading("### Compression at the record size (`bench/export_matrix.py --record-payload`)"), "",
         f"Payload: the default 11L/d512/sp8192 model ({sum(p.numel() for p in model.parameters()):,} parameters) "
         f"with random weights shaped like trained ones (`record_shape_model`), through the real quantizer (RTN, "
         f"default bits and clips, int4 LQER): {len(raw):,} bytes serialized in {len(chunks)} chunks. CPU seconds "
@@ -238,9 +242,8 @@ def main(argv=None) -> int:
     header = ["variant", "roundtrip bpb", "gap", "quantize s", "zstd-22 bytes (comp/decomp s)",
               "brotli-11", "lzma-9e", "brotli-11 bit-packed", "rANS + best generic"]
     table = markdown_table(header, rows)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
     section = [
-        "", f"## Export matrix (`bench/export_matrix.py`), {stamp} UTC, commit {git_commit()}, {cpu_machine()}", "",
+        "", report_heading("## Export matrix (`bench/export_matrix.py`)"), "",
         f"`python bench/export_matrix.py --data {opts.data} --preset {opts.preset} --seconds {opts.seconds:g}`: "
         f"{stats.steps} steps, {n_params:,} parameters, prequant val_bpb {pre:.4f}. Model bytes exclude the "
         f"artifact header and code; values stored one byte each unless bit-packed. Best: {best[1]}, {best[0]:,} bytes = "
