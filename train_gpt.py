@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
-import functools
 import glob
 import hashlib
 import itertools
@@ -340,6 +339,10 @@ class Hyperparameters:
         self.ve_layer_ids = self.parse_layer_list("VE_LAYERS", self.ve_layers) if self.ve_dim else []
         self.byte_accounting = "luts"  # run() resolves it against the tokenizer and DATA_PATH
         self.check()
+
+    def artifact_file(self) -> str:
+        """The artifact EVAL_ONLY reads, else the one training writes (default logs/<RUN_ID>.pgart)."""
+        return self.eval_only or self.artifact_path or f"logs/{self.run_id}.pgart"
 
     def parse_layer_list(self, name: str, raw: str) -> list[int]:
         try:
@@ -764,7 +767,7 @@ def check_inputs(args: Hyperparameters) -> str:
     except (OSError, ValueError) as e:
         raise ConfigError(str(e)) from None
     if not args.eval_only:
-        art = args.artifact_path or f"logs/{args.run_id}.pgart"
+        art = args.artifact_file()
         d = os.path.dirname(art) or "."
         if os.path.isdir(art) or not os.path.isdir(d) or not os.access(d, os.W_OK):
             raise ConfigError(f"ARTIFACT_PATH={art}: " + ("is a directory" if os.path.isdir(art) else
@@ -2657,8 +2660,8 @@ def peak_memory_mib(rt: Runtime) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train_and_export(args: Hyperparameters, rt: Runtime, backend: str, code_bytes: int, validation,
-                     path: str) -> tuple[GPT, float]:
+def train_and_export(args: Hyperparameters, rt: Runtime, backend: str, code_bytes: int,
+                     validation: tuple[Tensor, Tensor], path: str) -> tuple[GPT, float]:
     """Train, calibrate and write the artifact at path, all on the training clock. Returns the
     trained model and the training clock's total ms."""
     torch.manual_seed(args.seed)
@@ -2670,7 +2673,7 @@ def train_and_export(args: Hyperparameters, rt: Runtime, backend: str, code_byte
     if est > args.artifact_budget:
         rt.log(f"warning: estimated artifact {est} bytes exceeds ARTIFACT_BUDGET={args.artifact_budget}; export will lower bits")
     resolve_gptq_reserve(model, args, rt)
-    trained = train(model, args, rt, *(validation() if args.val_loss_every else (None, None)))
+    trained = train(model, args, rt, *(validation if args.val_loss_every else (None, None)))
     t0 = time.perf_counter()
     set_late_qat(model, False)
     batches = calibration_batches(model, args, rt, trained.loader) if args.quant == "gptq" else []
@@ -2691,8 +2694,8 @@ def train_and_export(args: Hyperparameters, rt: Runtime, backend: str, code_byte
     return model, total_ms
 
 
-def evaluate_artifact(args: Hyperparameters, rt: Runtime, backend: str, code_bytes: int, validation, path: str,
-                      eval_t0: float, train_ms: float) -> int:
+def evaluate_artifact(args: Hyperparameters, rt: Runtime, backend: str, code_bytes: int,
+                      validation: tuple[Tensor, Tensor], path: str, eval_t0: float, train_ms: float) -> int:
     """Load the artifact at path as a fresh model, run the final evaluations on the evaluation clock
     (from eval_t0) and log the run's result. Returns code + artifact bytes."""
     t0 = time.perf_counter()
@@ -2706,7 +2709,7 @@ def evaluate_artifact(args: Hyperparameters, rt: Runtime, backend: str, code_byt
            f"limit:{args.artifact_budget} compressor:{meta['compressor']} sha256:{meta['sha256']}")
     if total > args.artifact_budget:
         rt.log(f"error: artifact_over_budget bytes_total:{total} limit:{args.artifact_budget}")
-    label, result = final_evaluations(model, *validation(), args, rt, eval_t0)
+    label, result = final_evaluations(model, *validation, args, rt, eval_t0)
     eval_ms = 1000 * (time.perf_counter() - eval_t0)
     rt.log(f"eval_time total_ms:{eval_ms:.0f} limit_ms:{1000 * args.eval_max_seconds:.0f}")
     rt.log(f"peak_mem_mib:{peak_memory_mib(rt):.0f}")
@@ -2729,18 +2732,17 @@ def run(args: Hyperparameters, rt: Runtime):
     rt.log(f"byte_accounting:{args.byte_accounting} tokenizer:{args.tokenizer_path}")
     backend, reason = select_attention_backend(args.attn_backend, rt.device)
     rt.log(f"attention_backend:{backend} reason:{reason}")
-    validation = functools.cache(lambda: load_validation(args, luts))  # (tokens, bytes), loaded once
-    try:
-        validation()  # before the first step, so that a bad byte sidecar cannot cost a training run
+    try:  # before the first step, so that a bad byte sidecar cannot cost a training run
+        validation = load_validation(args, luts)  # (tokens, target bytes), loaded once
     except (OSError, ValueError) as e:
         raise ConfigError(str(e)) from None
-    path = args.eval_only or args.artifact_path or f"logs/{args.run_id}.pgart"
+    path = args.artifact_file()
     if args.eval_only:
         eval_t0, train_ms = time.perf_counter(), 0.0
     else:
         model, train_ms = train_and_export(args, rt, backend, code.nbytes, validation, path)
         eval_t0 = time.perf_counter()
-        rt.log(evaluate(model, *validation(), args, rt, args.eval_seq_len, "prequant").line("final_prequant"))
+        rt.log(evaluate(model, *validation, args, rt, args.eval_seq_len, "prequant").line("final_prequant"))
         del model
     total = evaluate_artifact(args, rt, backend, code.nbytes, validation, path, eval_t0, train_ms)
     if dist.is_initialized():
