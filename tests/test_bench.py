@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import minigolf
-import probe_report
+import gpu_probe
 import synthetic_shards
 from convert_text import read_shard
 
@@ -96,23 +96,23 @@ def test_results_rows_are_well_formed_and_escape_pipes(tmp_path):
 
 def test_rows_go_to_their_own_table_when_the_file_holds_two(tmp_path):
     path = tmp_path / "RESULTS.md"
-    cpu = ["c"] * len(minigolf.COLUMNS)
-    gpu = ["g"] * len(probe_report.GPU_COLUMNS)
+    other_columns, other_section = ["x", "y"], "## Another table\n\nIts words.\n"
+    cpu, other = ["c"] * len(minigolf.COLUMNS), ["o", "p"]
     minigolf.append_row(path, minigolf.CPU_SECTION, minigolf.COLUMNS, cpu)
-    probe_report.append_row(path, probe_report.GPU_SECTION, probe_report.GPU_COLUMNS, gpu)
+    minigolf.append_row(path, other_section, other_columns, other)
     minigolf.append_row(path, minigolf.CPU_SECTION, minigolf.COLUMNS, cpu)
     lines = path.read_text().splitlines()
     cpu_header = lines.index(minigolf.markdown_row(minigolf.COLUMNS))
-    gpu_header = lines.index(minigolf.markdown_row(probe_report.GPU_COLUMNS))
+    other_header = lines.index(minigolf.markdown_row(other_columns))
     assert lines[cpu_header + 2:cpu_header + 4] == [minigolf.markdown_row(cpu)] * 2
-    assert lines[cpu_header + 4] == "" and gpu_header > cpu_header
-    assert lines[gpu_header + 2:] == [minigolf.markdown_row(gpu)]
+    assert lines[cpu_header + 4] == "" and other_header > cpu_header
+    assert lines[other_header + 2:] == [minigolf.markdown_row(other)]
 
 
-def test_committed_results_file_has_both_tables():
-    lines = (REPO / "bench" / "RESULTS.md").read_text().splitlines()
-    assert minigolf.markdown_row(minigolf.COLUMNS) in lines
-    assert minigolf.markdown_row(probe_report.GPU_COLUMNS) in lines
+def test_committed_results_file_has_the_cpu_table_and_the_gpu_probe_section():
+    text = (REPO / "bench" / "RESULTS.md").read_text()
+    assert minigolf.markdown_row(minigolf.COLUMNS) in text.splitlines()
+    assert "## GPU acceptance run (`bench/gpu_probe.sh`)" in text
 
 
 def test_set_overrides_must_name_knobs():
@@ -166,50 +166,95 @@ def stamp(lines, t0=1000.0):
     return "".join(f"{t0 + dt:.3f} {line}\n" for dt, line in lines)
 
 
-def test_probe_report_times_phases_and_extrapolates():
-    log = stamp([
-        (0.0, "env python:3.12.3 torch:2.11.0 cuda:13.0 device:cuda device_name:NVIDIA_H100_80GB_HBM3 device_count:1"),
-        (0.1, "config TRAIN_BATCH_TOKENS:98304 source:env"),
-        (0.2, "config GPTQ_RESERVE_SECONDS:8.0 source:default"),
-        (1.0, "attention_backend:sdpa"),
-        (2.0, "model_params:35000000 est_artifact_bytes:15900000"),
-        (92.0, "warmup steps:20 ms:88500 (compile priming, weights restored)"),
-        (92.5, "step:5/100 train_loss:7.0 train_time:500 step_avg:100.00 tok_s:983040"),
-        (93.0, "step:10/100 train_loss:6.5 train_time:1000 step_avg:100.00 tok_s:983040"),
-        (93.5, "step:15/100 train_loss:6.0 train_time:1500 step_avg:100.00 tok_s:983040"),
-        (94.0, "step:20/100 train_loss:5.5 train_time:2000 step_avg:100.00 tok_s:983040"),
-        (94.1, "stopping_early: wallclock_cap train_time:2000 step:20/100"),
-        (96.0, "gptq_calibration seconds:1.50 batches:16 source:train"),
-        (99.0, "quantize method:gptq tensors:66 lqer:3 seconds:3.25"),
-        (99.5, "train_total steps:20 train_ms:2000 export_ms:6400 total_ms:8400"),
-        (100.0, "progress phase:sliding done:8 total:8 elapsed_s:19.9 eta_s:0.0"),
-        (108.0, "final_sliding val_loss:5.0 val_bpb:3.0 tokens:1000000 bytes:2400000 eval_ms:20000"),
-        (109.0, "probe_exit code:124 wall_s:120.0"),
+def probe_main_log(compile_after_clock: bool, refit: bool, export_ms: int):
+    steps = [(92.0 + i, f"step:{10 * i}/20000 train_loss:6.0 train_time:{t} step_avg:1.0 tok_s:1")
+             for i, t in enumerate([0, 900, 1800, 2700, 3700, 4900, 6100, 7300], start=1)]
+    return stamp([
+        (0.0, "env python:3.12.3 torch:2.11.0 cuda:13.0 device:cuda device_name:NVIDIA_H200 device_count:1 compile:1 autocast:1"),
+        (0.1, "config VOCAB_SIZE:8192 source:env"),
+        (0.1, "config NUM_LAYERS:11 source:default"),
+        (0.1, "config COMPILE:auto source:default"),
+        (0.1, "config PHASED_TTT_ENABLED:1 source:default"),
+        (1.0, "attention_backend:sdpa reason:auto_flash_attn_not_installed"),
+        (5.0, "gptq_reserve seconds:12.0 source:auto calibration_s:2.00 quantize_s:3.00 compress_s:3.00"),
+        (90.0, "probe_compile_start"),
+        (91.0, "probe_priming_done"),
+        *steps[:4],
+        (95.5, "looping_enabled step:40 train_time:2700 layers:0,1,2,3,4,5,3,4,5,3,4,5,6,7,8,9,10"),
+        *steps[4:],
+        *([(99.5, "probe_compile_start")] if compile_after_clock else []),
+        (100.0, "probe_phase name:train s:99.0 peak_mib:60000"),
+        (101.0, "probe_phase name:calibration s:1.0 peak_mib:81000"),
+        *([(102.0, "budget_fit tensor:blocks.0.mlp.fc bits:6->5 over_by:1000")] if refit else []),
+        (103.0, f"train_total steps:80 train_ms:7300 export_ms:{export_ms} total_ms:20000 cap_ms:600000 reserve_ms:12000"),
+        (104.0, "artifact path:/o/model.pgart bytes_code:40000 bytes_model:15900000 bytes_total:15940000 limit:16000000 "
+                "compressor:brotli sha256:ab"),
+        (110.0, "probe_phase name:eval_roundtrip s:4.0 peak_mib:20000"),
+        (110.0, "final_roundtrip val_loss:3.0 val_bpb:1.30 tokens:100000 bytes:400000 eval_ms:4000"),
+        (120.0, "probe_phase name:eval_sliding s:10.0 peak_mib:20000"),
+        (120.0, "final_sliding val_loss:3.0 val_bpb:1.28 tokens:100000 bytes:400000 eval_ms:10000"),
+        (150.0, "ttt_stopped_adapting phase:phased_ttt at:chunk:3 reason:eval_budget elapsed_s:30.0 limit_s:600"),
+        (150.0, "phased_ttt docs:300 chunk_tokens:48 global_phases_trained:1"),
+        (150.0, "probe_phase name:eval_phased_ttt s:30.0 peak_mib:70000"),
+        (150.0, "final_phased_ttt val_loss:3.0 val_bpb:1.26 tokens:100000 bytes:400000 eval_ms:30000"),
+        (151.0, "final_result label:final_phased_ttt val_loss:3.0 val_bpb:1.26 bytes_total:15940000 train_time_ms:20000 "
+                "eval_time_ms:44000"),
+        (152.0, "probe_exit code:0"),
     ])
-    text, fig = probe_report.report(log, full_val_tokens=62_021_632)
-    fields = dict(line.split("    #")[0].split(": ", 1) for line in text.splitlines() if not line.startswith("#"))
-    assert fields["device_name"] == "NVIDIA_H100_80GB_HBM3" and fields["attention_backend"] == "sdpa"
-    assert fields["steady_ms_per_step"] == "100.000"
-    assert fields["train_tokens_per_s"] == "983040.000"
-    assert fields["compile_warmup_s"] == "88.500"
-    assert fields["start_to_first_step_line_s"] == "92.500"
-    assert (fields["gptq_calibration_s"], fields["quantize_s"], fields["gptq_s"]) == ("1.500", "3.250", "4.750")
-    assert fields["calibration_and_export_s"] == "6.400"
-    assert fields["phase.sliding_s"] == "19.9"
-    assert "+   13.90s  final_sliding" in text  # timeline, relative to the stop line
-    assert fields["eval.final_sliding.tokens_per_s"] == "50000.000"
-    assert fields["extrapolated_steps_8gpu_600s"] == "5920"  # (600 - 8) s / 0.1 s
-    assert float(fields["extrapolated_full_val_sliding_s_8gpu"]) == pytest.approx(62_021_632 / 400_000, abs=1e-3)
-    assert (fields["complete"], fields["exit_code"], fields["wall_s"]) == ("False", "124", "120.000")
-    assert "# extrapolation" in text and "ignores all-reduce" in text
-    cells = dict(zip(probe_report.GPU_COLUMNS, probe_report.results_cells(fig)))
-    assert cells["device"] == "1xNVIDIA_H100_80GB_HBM3" and cells["status"] == "timeout"
-    assert (cells["ms/step"], cells["tok/s/GPU"], cells["compile s"], cells["GPTQ s"]) == ("100.0", "983040", "88.5", "4.8")
-    assert cells["steps 8x600s (extrapolated)"] == 5920 and cells["date"] == "1970-01-01 00:18Z"
+
+
+def table_checks(text):
+    """{check: (measured, result)} of a probe table."""
+    rows = [line.strip("|").split(" | ") for line in text.splitlines() if line.startswith("| ") and " | " in line]
+    return {cells[0].strip(): (cells[1], cells[3].strip()) for cells in rows[1:]}
+
+
+def test_probe_table_passes_and_fails_each_check_from_the_logs(tmp_path):
+    (tmp_path / "main.log").write_text(probe_main_log(compile_after_clock=False, refit=False, export_ms=9000))
+    (tmp_path / "model.pgart").write_bytes(b"x")
+    checks = table_checks(gpu_probe.report(tmp_path, "synthetic", dry_run=False))
+    assert checks["main run: no crash"][1] == "PASS"
+    assert checks["ms/step before loops"] == ("90.0", "PASS")  # 900 ms per 10 steps; the switch interval left out
+    assert checks["ms/step after loops"] == ("120.0", "PASS")
+    assert checks["torch.compile after the training clock started"] == ("0 compiles", "PASS")
+    assert checks["calibration + export inside the reserve"] == ("9.0 s", "PASS")
+    assert checks["artifact, no refit"][1] == "PASS"
+    assert checks["peak memory: main/calibration"] == ("81,000 MiB", "FAIL")  # over what an 80 GB H100 leaves
+    assert checks["peak memory: main/train"][1] == "PASS"
+    phased = checks["eval final_phased_ttt"]
+    assert "10.00 docs/s" in phased[0] and "stopped adapting at chunk:3" in phased[0] and phased[1] == "FAIL"
+    # 45,530,000 targets / 100,000 scored here / 8 GPUs x 30 s
+    assert "full val on 8 GPUs ~1707 s" in phased[0]
+    assert checks["evaluation clock, extrapolated"][1] == "FAIL"
+    assert checks["final_phased_ttt gain over sliding"] == ("-0.0200 bpb", "PASS")
+    assert checks["artifact saved"][1] == "PASS"
+
+    (tmp_path / "main.log").write_text(probe_main_log(compile_after_clock=True, refit=True, export_ms=13000))
+    checks = table_checks(gpu_probe.report(tmp_path, "synthetic", dry_run=False))
+    assert checks["torch.compile after the training clock started"] == ("1 compiles", "FAIL")
+    assert checks["calibration + export inside the reserve"] == ("13.0 s", "FAIL")
+    assert checks["artifact, no refit"] == ("15940000 bytes, 1 refits", "FAIL")
 
 
 def test_gpu_probe_script_parses():
     assert subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_probe.sh")]).returncode == 0
+
+
+@pytest.mark.slow
+def test_gpu_probe_dry_run_runs_the_whole_acceptance_pipeline_on_cpu(tmp_path):
+    """The acceptance script end to end on CPU (tiny shape, SDPA): every run exits 0 and the table has its rows."""
+    out = tmp_path / "probe"
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_probe.sh"), "--dry-run", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    checks = table_checks((out / "gpu_probe.md").read_text())
+    assert checks["main run: no crash"][1] == "PASS" and checks["artifact saved"][1] == "PASS"
+    for check in ("ms/step before loops", "ms/step after loops", "peak memory: main/train", "eval final_sliding",
+                  "calibration + export inside the reserve", "artifact, no refit"):
+        assert check in checks and checks[check][1] == "n/a", check  # measured, but no GPU verdict on CPU
+    assert {"eval final_ttt", "eval final_phased_ttt"} <= checks.keys()  # one in the main run, one EVAL_ONLY
+    assert "adapted every chunk" in checks["eval final_phased_ttt"][0]
+    assert (out / "model.pgart").stat().st_size > 0 and (out / "main.log").is_file()
 
 
 # ----------------------------------------------------------------------------- end to end

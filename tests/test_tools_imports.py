@@ -21,7 +21,7 @@ def test_no_module_edits_sys_path_outside_the_bootstraps():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["bench/probe_report.py", "bench/synthetic_shards.py", "tools/logparse.py"])
+@pytest.mark.parametrize("script", ["bench/gpu_probe.py", "bench/synthetic_shards.py", "tools/logparse.py"])
 def test_helpers_still_run_as_documented_scripts_from_any_directory(script, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
