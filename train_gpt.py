@@ -442,13 +442,13 @@ class Runtime:
             dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
         return t
 
-    def any_rank(self, flag: bool) -> bool:
-        """Whether flag is set on any rank, agreed through a host-side all-reduce: no device sync."""
+    def host_max(self, values: list[float]) -> list[float]:
+        """Each value's largest over the ranks, agreed through one host-side all-reduce: no device sync."""
         if self.world_size == 1:
-            return flag
-        t = torch.tensor([float(flag)])
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
-        return bool(t.item())
+        return t.tolist()
 
     def barrier(self):
         if self.world_size > 1:
@@ -560,7 +560,7 @@ class TimeBudget:
         self.rt, self.start, self.limit_s, self.stop_line = rt, start, limit_s, stop_line
         self.measured: dict[str, list[float]] = {}  # kind -> [seconds, units]
         self.first_calls: set = set()
-        self.stopped, self.paused_s, self.queued = False, 0.0, None
+        self.stopped, self.paused_s, self.queued, self.agreed_s = False, 0.0, None, 0.0
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start - self.paused_s
@@ -598,12 +598,14 @@ class TimeBudget:
 
     def allows(self, need_s: float, at: str | None, all_ranks: bool = True) -> bool:
         """Whether need_s more seconds fit. With all_ranks every rank calls it at the same point and
-        all get the same answer; once refused (here or on any rank), always refused. The first
-        refusal logs the stop line at `at` (None: the caller logs it)."""
+        all get the same answer and the same elapsed time, the largest (agreed_s: what schedules
+        use); once refused (here or on any rank), always refused. The first refusal logs the stop
+        line at `at` (None: the caller logs it)."""
         elapsed = self.elapsed()
         over = self.stopped or elapsed + need_s > self.limit_s
         if all_ranks:
-            over = self.rt.any_rank(over)
+            elapsed, over = self.rt.host_max([elapsed, over])
+        self.agreed_s = elapsed
         if over and not self.stopped:
             self.stopped = True
             if at is not None:
@@ -1516,7 +1518,7 @@ def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | N
     opts = build_optimizers(model, args, rt)
     averager = WeightAverager(model, args)
     qat_on = False
-    step, step_ms = 0, 0.0
+    step, step_ms, elapsed = 0, 0.0, 0.0  # elapsed: ms agreed by all ranks after the last step, so they switch together
     rt.sync()
     budget = TimeBudget(rt, time.perf_counter(), training_seconds(args),
                         lambda at, elapsed: f"stopping_early: wallclock_cap train_time:{1000 * elapsed:.0f} step:{at}")
@@ -1530,7 +1532,6 @@ def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | N
                        f"train_time:{train_ms:.0f} step_avg:{train_ms / max(step, 1):.2f}")
         if last:
             break
-        elapsed = 1000 * budget.elapsed()
         progress = training_progress(args, step, elapsed)
         if args.num_loops > 1 and not model.looping and progress >= args.enable_looping_at:
             model.looping = True
@@ -1550,9 +1551,9 @@ def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | N
         step += 1
         averager.update(step, progress)
         budget.pace()
-        elapsed = 1000 * budget.elapsed()
-        step_ms = elapsed / step
         stop = not budget.allows(0.0, None)
+        elapsed = 1000 * budget.agreed_s
+        step_ms = elapsed / step
         if stop or step % args.train_log_every == 0 or step == args.iterations:
             loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
             rt.log(f"step:{step}/{args.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f} "

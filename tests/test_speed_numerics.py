@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import make_args
+from conftest import TINY, TINY_ENV, make_args
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
 
 
-def two_rank_run(helper, tmp_path):
+def two_rank_run(helper, tmp_path, knobs=None):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(knobs or {})
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HELPERS.parents[1]), env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -163,6 +164,18 @@ def test_ranks_that_disagree_on_the_clock_stop_after_the_same_step(tmp_path):
     verdicts = two_rank_run("stop_dist.py", tmp_path)
     # rank 0 is over budget from step 2, rank 1 from step 3: both stop at step 2
     assert verdicts == [[False, False, True, True, True, True]] * 2
+
+
+@pytest.mark.slow
+def test_ranks_whose_clocks_disagree_switch_schedule_at_the_same_step(tmp_path):
+    knobs = dict(TINY_ENV, DATA_PATH=str(TINY), TOKENIZER_PATH=str(TINY / "tokenizer.model"), ITERATIONS="1000",
+                 MAX_WALLCLOCK_SECONDS="0.06", GPTQ_RESERVE_SECONDS="0", ENABLE_LOOPING_AT="0.3",
+                 LATE_QAT_THRESHOLD="0.4", WARMDOWN_FRAC="0.8", TRAIN_LOG_EVERY="1000")
+    traces = two_rank_run("clock_dist.py", tmp_path, knobs)
+    # rank 1's clock runs twice as fast as rank 0's; the ranks train with one schedule, the faster clock's
+    assert traces[0] == traces[1]
+    lrs, looping, qat = zip(*traces[0])
+    assert 10 < len(lrs) < 40 and lrs[0] > lrs[-1] and not looping[0] and looping[-1] and not qat[0] and qat[-1]
 
 
 # --- attention backends -------------------------------------------------------------------------
