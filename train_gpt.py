@@ -1667,7 +1667,20 @@ def gptq_quantize(w: Tensor, H: Tensor, scale: Tensor, bits: int, damp: float, b
     return Q[:, torch.argsort(perm)]
 
 
+@contextlib.contextmanager
+def no_tf32():
+    """Full fp32 matmuls inside (setup_runtime turns TF32 on for training; GPTQ's Hessians, Cholesky
+    inputs and error updates need fp32), the previous flags after."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 @torch.no_grad()
+@no_tf32()
 def collect_hessians(model: GPT, batches, rt: Runtime) -> dict[str, Tensor]:
     """H = X^T X of every quantized matrix's input over the calibration batches (summed across ranks).
     The tied embedding, used as the output head, gets the Hessian of the final-norm output."""
@@ -1746,6 +1759,7 @@ def quantize_lqer_factor(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     return torch.clamp(torch.round(x / s.float()), -LQER_QMAX, LQER_QMAX).to(torch.int8), s
 
 
+@no_tf32()
 def quantize_tensor(w: Tensor, H: Tensor | None, bits: int, clip: float, args: Hyperparameters) -> tuple[QTensor, float]:
     """GPTQ (or round-to-nearest) of one matrix, with its Hessian-weighted squared error."""
     scale = row_scales(w, bits, clip, args.clip_search)
