@@ -700,6 +700,12 @@ class TokenStream:
         return mine
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Copy to the device without blocking the host: on CUDA from pinned memory (a non_blocking
+    copy from pageable memory waits for the device)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 class TrainLoader:
     def __init__(self, args: Hyperparameters, rt: Runtime, grad_accum: int):
         self.stream = TokenStream(args.data_path, args.vocab_size)
@@ -708,12 +714,11 @@ class TrainLoader:
     def next_batch(self) -> list[tuple[Tensor, Tensor]]:
         """One optimizer step's micro-batches for this rank."""
         a, rt = self.args, self.rt
-        chunk = torch.from_numpy(self.stream.take(a.train_batch_tokens, rt.rank, rt.world_size).astype(np.int64))
+        chunk = to_device(torch.from_numpy(self.stream.take(a.train_batch_tokens, rt.rank, rt.world_size).astype(np.int64)), rt.device)
         x = chunk[:-1].view(-1, a.train_seq_len)
         y = chunk[1:].view(-1, a.train_seq_len)
         seqs = x.size(0) // self.grad_accum
-        return [(x[i * seqs:(i + 1) * seqs].to(rt.device, non_blocking=True),
-                 y[i * seqs:(i + 1) * seqs].to(rt.device, non_blocking=True)) for i in range(self.grad_accum)]
+        return [(x[i * seqs:(i + 1) * seqs], y[i * seqs:(i + 1) * seqs]) for i in range(self.grad_accum)]
 
 
 def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
@@ -2302,8 +2307,9 @@ class Evaluator:
         self.totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
 
     def batch(self, windows, seq_len: int):
-        """Inputs, targets and score mask (B, seq_len); short windows are right-padded (causality
-        makes the padding invisible to real positions)."""
+        """Inputs, targets and score mask (B, seq_len) and window starts (B,), built on the host and
+        copied without a host sync; short windows are right-padded (causality makes the padding
+        invisible to real positions)."""
         x = torch.zeros(len(windows), seq_len, dtype=torch.long)
         y = torch.zeros_like(x)
         mask = torch.zeros_like(x, dtype=torch.bool)
@@ -2312,8 +2318,7 @@ class Evaluator:
             x[i, :n] = self.tokens[s:e]
             y[i, :n] = self.tokens[s + 1:e + 1]
             mask[i, a - s - 1:n] = True
-        d = self.rt.device
-        return x.to(d), y.to(d), mask.to(d)
+        return [to_device(t, self.rt.device) for t in (x, y, mask, torch.tensor([w[0] for w in windows]))]
 
     @torch.no_grad()
     def score(self, windows, batch_seqs: int, label: str = "", token_losses: Tensor | None = None):
@@ -2325,20 +2330,20 @@ class Evaluator:
         for k, group in enumerate(mine):
             if rt.compile and len(group) < batch_seqs:  # one static shape, one compiled graph
                 group = group + [(0, 1, 2)] * (batch_seqs - len(group))
-            x, y, mask = self.batch(group, seq_len)
+            x, y, mask, starts = self.batch(group, seq_len)
             with rt.autocast_ctx():
                 nll = self.nll_fn(x, y).double()
-            self.record(group, x, y, mask, nll, token_losses)
+            self.record(starts, y, mask, nll, token_losses)
             if label and time.perf_counter() - last_log > 30:
                 last_log = time.perf_counter()
                 log_progress(rt, label, k + 1, len(mine), t0)
 
-    def record(self, windows, x: Tensor, y: Tensor, mask: Tensor, nll: Tensor, token_losses: Tensor | None):
-        """Add the masked float64 losses of a batch built by batch(windows) to the totals."""
-        starts = torch.tensor([w[0] for w in windows], device=x.device)
-        targets = (starts[:, None] + torch.arange(1, y.size(1) + 1, device=x.device)).clamp_max(self.val_bytes.numel() - 1)
+    def record(self, starts: Tensor, y: Tensor, mask: Tensor, nll: Tensor, token_losses: Tensor | None):
+        """Add the masked float64 losses of a batch built by batch() to the totals (masks multiply:
+        boolean indexing would wait for the device)."""
+        targets = (starts[:, None] + torch.arange(1, y.size(1) + 1, device=y.device)).clamp_max(self.val_bytes.numel() - 1)
         nbytes = self.val_bytes[targets]
-        self.totals += torch.stack([nll[mask].sum(), mask.sum().double(), nbytes[mask].sum().double()])
+        self.totals += torch.stack([(nll * mask).sum(), mask.sum().double(), (nbytes * mask).sum().double()])
         if token_losses is not None:
             rows, cols = mask.nonzero(as_tuple=True)
             token_losses[(starts[rows] + cols + 1).cpu()] = nll[rows, cols].cpu()
@@ -2406,7 +2411,8 @@ def ttt_train_chunk(model: GPT, nll_fn, tokens: Tensor, first: int, last: int, p
     computed what: 1 and N ranks take the same step."""
     seq_len, device = args.eval_seq_len, rt.device
     seqs = [(start, min(start + seq_len, last)) for start in range(first - 1, last, seq_len)]
-    grad_sums = [torch.zeros_like(param, dtype=torch.float64) for param in params]
+    flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=device)  # one all-reduce per step
+    grad_sums = [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in params]), params)]
     for group_start in range(0, len(seqs), args.ttt_batch_seqs):
         group = seqs[group_start:group_start + args.ttt_batch_seqs]
         for start, end in group[rt.rank::rt.world_size]:
@@ -2420,9 +2426,10 @@ def ttt_train_chunk(model: GPT, nll_fn, tokens: Tensor, first: int, last: int, p
                     grad_sum += param.grad
                     param.grad = None
         group_targets = sum(end - start for start, end in group)
+        rt.all_reduce(flat)
         for grad_sum, param in zip(grad_sums, params):
-            param.grad = (rt.all_reduce(grad_sum) / group_targets).to(param.dtype)
-            grad_sum.zero_()
+            param.grad = (grad_sum / group_targets).to(param.dtype)
+        flat.zero_()
         if args.ttt_grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, args.ttt_grad_clip)
         opt.step()
@@ -2540,10 +2547,10 @@ def score_then_adapt_chunk(model: GPT, ev: Evaluator, batch: list, chunk: int, a
                 start + chunk * chunk_tokens + 1) for start, end in batch if end - start > chunk * chunk_tokens]
     forwarded = len(windows) * min(seq_len, chunk_end)
     with budget.timed("score", None, forwarded):
-        inputs, targets, mask = ev.batch(windows, min(seq_len, chunk_end))
+        inputs, targets, mask, starts = ev.batch(windows, min(seq_len, chunk_end))
         with torch.set_grad_enabled(adapt), ev.rt.autocast_ctx():
             nll = model.token_nll(inputs, targets)
-        ev.record(windows, inputs, targets, mask, nll.detach().double(), token_losses)
+        ev.record(starts, targets, mask, nll.detach().double(), token_losses)
     if adapt:
         with budget.timed("adapt", None, forwarded):
             (nll[mask].sum() / chunk_tokens).backward()  # only this chunk's targets, all scored above

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_gpt as tg
 from conftest import TINY, TINY_ENV, make_args
@@ -176,6 +177,62 @@ def test_ranks_whose_clocks_disagree_switch_schedule_at_the_same_step(tmp_path):
     assert traces[0] == traces[1]
     lrs, looping, qat = zip(*traces[0])
     assert 10 < len(lrs) < 40 and lrs[0] > lrs[-1] and not looping[0] and looping[-1] and not qat[0] and qat[-1]
+
+
+# --- host syncs in hot loops --------------------------------------------------------------------
+
+
+class DataDependentOps(TorchDispatchMode):
+    """Records ops that make the host wait for the device: boolean indexing, nonzero, tensor reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        index_by_mask = func is torch.ops.aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])
+        if index_by_mask or func in (torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default,
+                                     torch.ops.aten._local_scalar_dense.default):
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_evaluation_batches_need_no_host_sync(monkeypatch):
+    args = make_args(EVAL_SEQ_LEN=32, EVAL_BATCH_SEQS=2)
+    tokens = torch.randint(0, 512, (200,), generator=torch.Generator().manual_seed(0))
+    ev = tg.Evaluator(tg.GPT(args).eval(), tokens, torch.ones(200, dtype=torch.int32), args,
+                      tg.Runtime(0, 1, 0, torch.device("cpu"), False, False, None))
+    made_on = []  # torch.tensor(list, device=cuda) copies from pageable memory: a host sync per batch
+    real_tensor = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made_on.append(k.get("device")) or real_tensor(*a, **k))
+    with DataDependentOps() as ops:
+        ev.score(tg.plan_windows(1, 199, 32, 16), 2)
+    assert ops.seen == [] and set(made_on) == {None} and len(made_on) > 0
+    assert int(ev.totals[1]) == 199
+
+
+def test_loader_copies_from_pinned_memory_on_cuda(monkeypatch):
+    copies = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: copies.append("pinned") or t)
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: copies.append(("to", k.get("non_blocking"))) or t)
+    args = make_args(GRAD_ACCUM_STEPS=2)
+    rt = tg.Runtime(0, 1, 0, torch.device("cuda"), False, False, None)
+    micro = tg.TrainLoader(args, rt, 2).next_batch()
+    assert copies == ["pinned", ("to", True)] and len(micro) == 2
+
+
+def test_chunk_ttt_all_reduces_once_per_step(monkeypatch):
+    args = make_args(EVAL_SEQ_LEN=32, TTT_BATCH_SEQS=2, TTT_PARAMS="all")
+    torch.manual_seed(0)
+    model = tg.GPT(args)
+    params = tg.ttt_parameters(model, args)
+    rt = tg.Runtime(0, 2, 0, torch.device("cpu"), False, False, None)
+    reduced = []
+    monkeypatch.setattr(rt, "all_reduce", lambda t, op=None: reduced.append(t.numel()) or t)
+    opt = torch.optim.SGD(params, lr=0.0)
+    tokens = torch.randint(0, 512, (200,), generator=torch.Generator().manual_seed(0))
+    tg.ttt_train_chunk(model, model.token_nll, tokens, 1, 128, params, opt, args, rt)
+    assert reduced == [sum(p.numel() for p in params)] * 2  # 4 sequences, 2 per step
 
 
 # --- attention backends -------------------------------------------------------------------------
