@@ -1480,14 +1480,16 @@ def prime_compile(model: GPT, model_fn, args: Hyperparameters, rt: Runtime, load
 
 
 def prime_eval_graphs(model: GPT, args: Hyperparameters, rt: Runtime):
-    """Run each compiled evaluation once on a dummy stream, at the shapes of the real one: the
+    """Run each compiled evaluation once on every rank on a dummy stream (one full batch per rank:
+    a rank that primes nothing compiles on the evaluation clock), at the shapes of the real one: the
     training model's evaluation (periodic validation, final_prequant) in each layer order it may
     have, then, on a fresh model built like the artifact's (no fake-quantizers, the final layer
     order), the standard/sliding evaluation and chunk TTT's scoring and training step. Phased TTT
     runs eagerly and compiles nothing. Each line gives a first call's time (compile + one run); the
     dummy evaluations themselves log nothing."""
     quiet = replace(rt, muted=True)
-    dummy = torch.arange(max(2 * args.eval_seq_len, args.ttt_chunk_tokens + 2) + 1) % args.vocab_size
+    windows = max(2, rt.world_size * eval_batch_seqs(args, rt))
+    dummy = torch.arange(max(windows * args.eval_seq_len, args.ttt_chunk_tokens + 2) + 1) % args.vocab_size
     dummy_bytes = torch.ones_like(dummy, dtype=torch.int32)
     final_looping = args.num_loops > 1 and args.enable_looping_at < 1
     artifact_like = GPT(args, model.blocks[0].attn.backend).to(rt.device)

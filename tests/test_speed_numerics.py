@@ -235,6 +235,17 @@ def test_chunk_ttt_all_reduces_once_per_step(monkeypatch):
     assert reduced == [sum(p.numel() for p in params)] * 2  # 4 sequences, 2 per step
 
 
+@pytest.mark.slow
+def test_every_rank_primes_the_evaluation_graphs(tmp_path):
+    knobs = dict(TINY_ENV, DATA_PATH=str(TINY), TOKENIZER_PATH=str(TINY / "tokenizer.model"), EVAL_SEQ_LEN="64",
+                 EVAL_BATCH_SEQS="2", VAL_BATCH_SIZE="4096", TTT_ENABLED="0", TTT_CHUNK_TOKENS="64")
+    counts = two_rank_run("prime_dist.py", tmp_path, knobs)
+    # each rank primes the one evaluation graph (the artifact-like model shares it); the real
+    # evaluations (3 batches per rank, the last one padded) compile nothing on either rank. Before:
+    # the dummy stream's 2 windows made one batch, rank 0's, and rank 1 compiled while evaluating.
+    assert counts == [[1, 0], [1, 0]]
+
+
 # --- attention backends -------------------------------------------------------------------------
 
 
