@@ -1221,16 +1221,35 @@ def orthogonalize(G: Tensor, steps: int, method: str) -> Tensor:
     return (X.mT if transposed else X).to(G.dtype)
 
 
-class MuonBank:
-    """Same-shape matrices of one param group, updated as one batch. This rank owns params[lo:hi]:
-    their momentum and their orthogonalisation; `gathered` receives every rank's share. All buffers
-    are allocated once."""
+def muon_shares(banks: list[tuple[int, int]], world_size: int) -> list[list[int]]:
+    """Matrices per rank of each bank, given (matrices, cost of one): costliest banks first, each
+    matrix to the least-loaded rank holding fewer than ceil(matrices / world_size) of its bank, so
+    the ranks' orthogonalisation work is balanced over all banks and no gather grows."""
+    load, shares = [0] * world_size, [[]] * len(banks)
+    for b in sorted(range(len(banks)), key=lambda b: -banks[b][1]):
+        n, cost = banks[b]
+        counts = [0] * world_size
+        for _ in range(n):
+            r = min((r for r in range(world_size) if counts[r] < -(-n // world_size)), key=lambda r: load[r])
+            counts[r] += 1
+            load[r] += cost
+        shares[b] = counts
+    return shares
 
-    def __init__(self, group: dict, params: list[Tensor], rank: int, world_size: int):
+
+class MuonBank:
+    """Same-shape matrices of one param group, updated as one batch. Rank r owns counts[r]
+    consecutive matrices; this rank's are params[lo:hi]: their momentum and their
+    orthogonalisation. `gathered` receives every rank's share, each padded to the largest, and
+    `rows` are the params' places in it. All buffers are allocated once."""
+
+    def __init__(self, group: dict, params: list[Tensor], rank: int, world_size: int, counts: list[int]):
         self.group, self.params = group, params
-        n, shape = len(params), params[0].shape
-        self.chunk = -(-n // world_size)
-        self.lo, self.hi = min(n, rank * self.chunk), min(n, (rank + 1) * self.chunk)
+        shape = params[0].shape
+        self.chunk = max(counts)
+        self.lo = sum(counts[:rank])
+        self.hi = self.lo + counts[rank]
+        self.rows = [r * self.chunk + j for r in range(world_size) for j in range(counts[r])]
         new = lambda k: torch.zeros(k, *shape, device=params[0].device, dtype=params[0].dtype)
         self.grads, self.momentum = new(self.hi - self.lo), new(self.hi - self.lo)
         self.send = new(self.chunk) if world_size > 1 else None
@@ -1242,7 +1261,7 @@ class Muon(torch.optim.Optimizer):
     """Nesterov momentum -> optional row normalisation (MuonEq-R) -> orthogonalisation, scaled by
     sqrt(max(1, rows/cols)), with decoupled weight decay. Same-shape matrices form banks that are
     orthogonalised as one batch (compiled on CUDA). Across ranks each rank orthogonalises a
-    contiguous share of every bank and the shares are all-gathered asynchronously, each gather
+    contiguous share of every bank, sized by muon_shares, and the shares are all-gathered asynchronously, each gather
     overlapping the next bank's work, so all ranks apply the identical update without repeating it.
     A missing gradient counts as zero."""
 
@@ -1256,12 +1275,14 @@ class Muon(torch.optim.Optimizer):
         if compile and Muon.compiled_orthogonalize is None:
             Muon.compiled_orthogonalize = torch.compile(orthogonalize, dynamic=False)
         self.compiled = Muon.compiled_orthogonalize if compile else None
-        self.banks = []
+        banks = []
         for group in self.param_groups:
             by_shape = {}
             for p in group["params"]:
                 by_shape.setdefault(tuple(p.shape), []).append(p)
-            self.banks += [MuonBank(group, ps, rank, world_size) for ps in by_shape.values()]
+            banks += [(group, ps) for ps in by_shape.values()]
+        shares = muon_shares([(len(ps), ps[0].numel() * min(ps[0].shape)) for _, ps in banks], world_size)
+        self.banks = [MuonBank(group, ps, rank, world_size, counts) for (group, ps), counts in zip(banks, shares)]
         for bank in self.banks:
             for p, buf in zip(bank.params[bank.lo:bank.hi], bank.momentum):
                 self.state[p]["momentum_buffer"] = buf
@@ -1280,7 +1301,8 @@ class Muon(torch.optim.Optimizer):
     def apply(bank: MuonBank, update: Tensor):
         lr, wd = bank.group["lr"], bank.group["weight_decay"]
         torch._foreach_mul_(bank.params, 1 - lr * wd)
-        torch._foreach_add_(bank.params, list(update[:len(bank.params)].unbind(0)), alpha=-lr)
+        rows = update.unbind(0)
+        torch._foreach_add_(bank.params, [rows[i] for i in bank.rows], alpha=-lr)
 
     @torch.no_grad()
     def step(self):

@@ -103,14 +103,31 @@ def test_muon_step_allocates_no_buffers_and_keeps_momentum_in_place(monkeypatch)
     assert all(opt.state[p]["momentum_buffer"].abs().max() > 0 for p in params)
 
 
-@pytest.mark.parametrize("n, world, shares", [(11, 8, [2, 2, 2, 2, 2, 1, 0, 0]), (22, 8, [3] * 7 + [1]),
-                                               (3, 2, [2, 1]), (1, 2, [1, 0]), (5, 1, [5])])
-def test_bank_shares_are_contiguous_cover_every_matrix_once(n, world, shares):
+@pytest.mark.parametrize("counts", [[2, 2, 2, 2, 1, 1, 1, 0], [1, 2], [1, 0], [5]])
+def test_bank_shares_are_contiguous_cover_every_matrix_once(counts):
+    n, world = sum(counts), len(counts)
     params = [torch.zeros(4, 2) for _ in range(n)]
-    banks = [tg.MuonBank({}, params, r, world) for r in range(world)]
-    assert [b.hi - b.lo for b in banks] == shares
+    banks = [tg.MuonBank({}, params, r, world, counts) for r in range(world)]
+    assert [b.hi - b.lo for b in banks] == counts
     assert [i for b in banks for i in range(b.lo, b.hi)] == list(range(n))
-    assert all(b.lo == min(n, r * b.chunk) for r, b in enumerate(banks))
+    # param i's update sits in the gathered slot of its owner's share
+    assert banks[0].rows == [r * max(counts) + i - b.lo for r, b in enumerate(banks) for i in range(b.lo, b.hi)]
+
+
+def test_muon_shares_balance_the_record_banks_over_eight_ranks():
+    with torch.device("meta"):
+        model = tg.GPT(tg.Hyperparameters({}))  # the record's shape: banks of 22, 22, 11 and 11 matrices
+    banks = {}
+    for m in model.modules():
+        if isinstance(m, tg.CastedLinear) and m is not model.lm_head:  # Muon's matrices (build_optimizers)
+            banks.setdefault(tuple(m.weight.shape), []).append(m.weight)
+    sizes = [(len(ps), ps[0].numel() * min(ps[0].shape)) for ps in banks.values()]
+    assert sorted(n for n, _ in sizes) == [11, 11, 22, 22]
+    shares = tg.muon_shares(sizes, 8)
+    assert all(sum(c) == n and max(c) == -(-n // 8) for c, (n, _) in zip(shares, sizes))  # no gather grows
+    load = [sum(c[r] * cost for c, (_, cost) in zip(shares, sizes)) for r in range(8)]
+    # within one of the largest matrices of each other (before: ranks 6-7 had 1/16 of rank 0's work)
+    assert max(load) - min(load) <= max(cost for _, cost in sizes)
 
 
 # --- XSA ----------------------------------------------------------------------------------------
