@@ -2444,7 +2444,7 @@ def ttt_train_chunk(model: GPT, nll_fn, tokens: Tensor, first: int, last: int, p
             mask = torch.zeros(1, seq_len)
             inputs[0, :end - start], targets[0, :end - start], mask[0, :end - start] = tokens[start:end], tokens[start + 1:end + 1], 1
             with rt.autocast_ctx():
-                (nll_fn(inputs.to(device), targets.to(device)) * mask.to(device)).sum().backward()
+                (nll_fn(to_device(inputs, device), to_device(targets, device)) * to_device(mask, device)).sum().backward()
             for grad_sum, param in zip(grad_sums, params):
                 if param.grad is not None:
                     grad_sum += param.grad
