@@ -442,13 +442,13 @@ class Runtime:
             dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
         return t
 
-    def any_rank(self, flag: bool) -> bool:
-        """Whether flag is set on any rank, agreed through a host-side all-reduce: no device sync."""
+    def host_max(self, values: list[float]) -> list[float]:
+        """Each value's largest over the ranks, agreed through one host-side all-reduce: no device sync."""
         if self.world_size == 1:
-            return flag
-        t = torch.tensor([float(flag)])
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
-        return bool(t.item())
+        return t.tolist()
 
     def barrier(self):
         if self.world_size > 1:
@@ -560,7 +560,7 @@ class TimeBudget:
         self.rt, self.start, self.limit_s, self.stop_line = rt, start, limit_s, stop_line
         self.measured: dict[str, list[float]] = {}  # kind -> [seconds, units]
         self.first_calls: set = set()
-        self.stopped, self.paused_s, self.queued = False, 0.0, None
+        self.stopped, self.paused_s, self.queued, self.agreed_s = False, 0.0, None, 0.0
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start - self.paused_s
@@ -598,12 +598,14 @@ class TimeBudget:
 
     def allows(self, need_s: float, at: str | None, all_ranks: bool = True) -> bool:
         """Whether need_s more seconds fit. With all_ranks every rank calls it at the same point and
-        all get the same answer; once refused (here or on any rank), always refused. The first
-        refusal logs the stop line at `at` (None: the caller logs it)."""
+        all get the same answer and the same elapsed time, the largest (agreed_s: what schedules
+        use); once refused (here or on any rank), always refused. The first refusal logs the stop
+        line at `at` (None: the caller logs it)."""
         elapsed = self.elapsed()
         over = self.stopped or elapsed + need_s > self.limit_s
         if all_ranks:
-            over = self.rt.any_rank(over)
+            elapsed, over = self.rt.host_max([elapsed, over])
+        self.agreed_s = elapsed
         if over and not self.stopped:
             self.stopped = True
             if at is not None:
@@ -698,6 +700,12 @@ class TokenStream:
         return mine
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Copy to the device without blocking the host: on CUDA from pinned memory (a non_blocking
+    copy from pageable memory waits for the device)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 class TrainLoader:
     def __init__(self, args: Hyperparameters, rt: Runtime, grad_accum: int):
         self.stream = TokenStream(args.data_path, args.vocab_size)
@@ -706,12 +714,11 @@ class TrainLoader:
     def next_batch(self) -> list[tuple[Tensor, Tensor]]:
         """One optimizer step's micro-batches for this rank."""
         a, rt = self.args, self.rt
-        chunk = torch.from_numpy(self.stream.take(a.train_batch_tokens, rt.rank, rt.world_size).astype(np.int64))
+        chunk = to_device(torch.from_numpy(self.stream.take(a.train_batch_tokens, rt.rank, rt.world_size).astype(np.int64)), rt.device)
         x = chunk[:-1].view(-1, a.train_seq_len)
         y = chunk[1:].view(-1, a.train_seq_len)
         seqs = x.size(0) // self.grad_accum
-        return [(x[i * seqs:(i + 1) * seqs].to(rt.device, non_blocking=True),
-                 y[i * seqs:(i + 1) * seqs].to(rt.device, non_blocking=True)) for i in range(self.grad_accum)]
+        return [(x[i * seqs:(i + 1) * seqs], y[i * seqs:(i + 1) * seqs]) for i in range(self.grad_accum)]
 
 
 def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
@@ -1214,16 +1221,35 @@ def orthogonalize(G: Tensor, steps: int, method: str) -> Tensor:
     return (X.mT if transposed else X).to(G.dtype)
 
 
-class MuonBank:
-    """Same-shape matrices of one param group, updated as one batch. This rank owns params[lo:hi]:
-    their momentum and their orthogonalisation; `gathered` receives every rank's share. All buffers
-    are allocated once."""
+def muon_shares(banks: list[tuple[int, int]], world_size: int) -> list[list[int]]:
+    """Matrices per rank of each bank, given (matrices, cost of one): costliest banks first, each
+    matrix to the least-loaded rank holding fewer than ceil(matrices / world_size) of its bank, so
+    the ranks' orthogonalisation work is balanced over all banks and no gather grows."""
+    load, shares = [0] * world_size, [[]] * len(banks)
+    for b in sorted(range(len(banks)), key=lambda b: -banks[b][1]):
+        n, cost = banks[b]
+        counts = [0] * world_size
+        for _ in range(n):
+            r = min((r for r in range(world_size) if counts[r] < -(-n // world_size)), key=lambda r: load[r])
+            counts[r] += 1
+            load[r] += cost
+        shares[b] = counts
+    return shares
 
-    def __init__(self, group: dict, params: list[Tensor], rank: int, world_size: int):
+
+class MuonBank:
+    """Same-shape matrices of one param group, updated as one batch. Rank r owns counts[r]
+    consecutive matrices; this rank's are params[lo:hi]: their momentum and their
+    orthogonalisation. `gathered` receives every rank's share, each padded to the largest, and
+    `rows` are the params' places in it. All buffers are allocated once."""
+
+    def __init__(self, group: dict, params: list[Tensor], rank: int, world_size: int, counts: list[int]):
         self.group, self.params = group, params
-        n, shape = len(params), params[0].shape
-        self.chunk = -(-n // world_size)
-        self.lo, self.hi = min(n, rank * self.chunk), min(n, (rank + 1) * self.chunk)
+        shape = params[0].shape
+        self.chunk = max(counts)
+        self.lo = sum(counts[:rank])
+        self.hi = self.lo + counts[rank]
+        self.rows = [r * self.chunk + j for r in range(world_size) for j in range(counts[r])]
         new = lambda k: torch.zeros(k, *shape, device=params[0].device, dtype=params[0].dtype)
         self.grads, self.momentum = new(self.hi - self.lo), new(self.hi - self.lo)
         self.send = new(self.chunk) if world_size > 1 else None
@@ -1235,7 +1261,7 @@ class Muon(torch.optim.Optimizer):
     """Nesterov momentum -> optional row normalisation (MuonEq-R) -> orthogonalisation, scaled by
     sqrt(max(1, rows/cols)), with decoupled weight decay. Same-shape matrices form banks that are
     orthogonalised as one batch (compiled on CUDA). Across ranks each rank orthogonalises a
-    contiguous share of every bank and the shares are all-gathered asynchronously, each gather
+    contiguous share of every bank, sized by muon_shares, and the shares are all-gathered asynchronously, each gather
     overlapping the next bank's work, so all ranks apply the identical update without repeating it.
     A missing gradient counts as zero."""
 
@@ -1249,12 +1275,14 @@ class Muon(torch.optim.Optimizer):
         if compile and Muon.compiled_orthogonalize is None:
             Muon.compiled_orthogonalize = torch.compile(orthogonalize, dynamic=False)
         self.compiled = Muon.compiled_orthogonalize if compile else None
-        self.banks = []
+        banks = []
         for group in self.param_groups:
             by_shape = {}
             for p in group["params"]:
                 by_shape.setdefault(tuple(p.shape), []).append(p)
-            self.banks += [MuonBank(group, ps, rank, world_size) for ps in by_shape.values()]
+            banks += [(group, ps) for ps in by_shape.values()]
+        shares = muon_shares([(len(ps), ps[0].numel() * min(ps[0].shape)) for _, ps in banks], world_size)
+        self.banks = [MuonBank(group, ps, rank, world_size, counts) for (group, ps), counts in zip(banks, shares)]
         for bank in self.banks:
             for p, buf in zip(bank.params[bank.lo:bank.hi], bank.momentum):
                 self.state[p]["momentum_buffer"] = buf
@@ -1273,7 +1301,8 @@ class Muon(torch.optim.Optimizer):
     def apply(bank: MuonBank, update: Tensor):
         lr, wd = bank.group["lr"], bank.group["weight_decay"]
         torch._foreach_mul_(bank.params, 1 - lr * wd)
-        torch._foreach_add_(bank.params, list(update[:len(bank.params)].unbind(0)), alpha=-lr)
+        rows = update.unbind(0)
+        torch._foreach_add_(bank.params, [rows[i] for i in bank.rows], alpha=-lr)
 
     @torch.no_grad()
     def step(self):
@@ -1473,14 +1502,16 @@ def prime_compile(model: GPT, model_fn, args: Hyperparameters, rt: Runtime, load
 
 
 def prime_eval_graphs(model: GPT, args: Hyperparameters, rt: Runtime):
-    """Run each compiled evaluation once on a dummy stream, at the shapes of the real one: the
+    """Run each compiled evaluation once on every rank on a dummy stream (one full batch per rank:
+    a rank that primes nothing compiles on the evaluation clock), at the shapes of the real one: the
     training model's evaluation (periodic validation, final_prequant) in each layer order it may
     have, then, on a fresh model built like the artifact's (no fake-quantizers, the final layer
     order), the standard/sliding evaluation and chunk TTT's scoring and training step. Phased TTT
     runs eagerly and compiles nothing. Each line gives a first call's time (compile + one run); the
     dummy evaluations themselves log nothing."""
     quiet = replace(rt, muted=True)
-    dummy = torch.arange(max(2 * args.eval_seq_len, args.ttt_chunk_tokens + 2) + 1) % args.vocab_size
+    windows = max(2, rt.world_size * eval_batch_seqs(args, rt))
+    dummy = torch.arange(max(windows * args.eval_seq_len, args.ttt_chunk_tokens + 2) + 1) % args.vocab_size
     dummy_bytes = torch.ones_like(dummy, dtype=torch.int32)
     final_looping = args.num_loops > 1 and args.enable_looping_at < 1
     artifact_like = GPT(args, model.blocks[0].attn.backend).to(rt.device)
@@ -1516,7 +1547,7 @@ def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | N
     opts = build_optimizers(model, args, rt)
     averager = WeightAverager(model, args)
     qat_on = False
-    step, step_ms = 0, 0.0
+    step, step_ms, elapsed = 0, 0.0, 0.0  # elapsed: ms agreed by all ranks after the last step, so they switch together
     rt.sync()
     budget = TimeBudget(rt, time.perf_counter(), training_seconds(args),
                         lambda at, elapsed: f"stopping_early: wallclock_cap train_time:{1000 * elapsed:.0f} step:{at}")
@@ -1530,7 +1561,6 @@ def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | N
                        f"train_time:{train_ms:.0f} step_avg:{train_ms / max(step, 1):.2f}")
         if last:
             break
-        elapsed = 1000 * budget.elapsed()
         progress = training_progress(args, step, elapsed)
         if args.num_loops > 1 and not model.looping and progress >= args.enable_looping_at:
             model.looping = True
@@ -1550,9 +1580,9 @@ def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | N
         step += 1
         averager.update(step, progress)
         budget.pace()
-        elapsed = 1000 * budget.elapsed()
-        step_ms = elapsed / step
         stop = not budget.allows(0.0, None)
+        elapsed = 1000 * budget.agreed_s
+        step_ms = elapsed / step
         if stop or step % args.train_log_every == 0 or step == args.iterations:
             loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
             rt.log(f"step:{step}/{args.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f} "
@@ -1666,7 +1696,20 @@ def gptq_quantize(w: Tensor, H: Tensor, scale: Tensor, bits: int, damp: float, b
     return Q[:, torch.argsort(perm)]
 
 
+@contextlib.contextmanager
+def no_tf32():
+    """Full fp32 matmuls inside (setup_runtime turns TF32 on for training; GPTQ's Hessians, Cholesky
+    inputs and error updates need fp32), the previous flags after."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 @torch.no_grad()
+@no_tf32()
 def collect_hessians(model: GPT, batches, rt: Runtime) -> dict[str, Tensor]:
     """H = X^T X of every quantized matrix's input over the calibration batches (summed across ranks).
     The tied embedding, used as the output head, gets the Hessian of the final-norm output."""
@@ -1745,6 +1788,7 @@ def quantize_lqer_factor(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     return torch.clamp(torch.round(x / s.float()), -LQER_QMAX, LQER_QMAX).to(torch.int8), s
 
 
+@no_tf32()
 def quantize_tensor(w: Tensor, H: Tensor | None, bits: int, clip: float, args: Hyperparameters) -> tuple[QTensor, float]:
     """GPTQ (or round-to-nearest) of one matrix, with its Hessian-weighted squared error."""
     scale = row_scales(w, bits, clip, args.clip_search)
@@ -2287,8 +2331,9 @@ class Evaluator:
         self.totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
 
     def batch(self, windows, seq_len: int):
-        """Inputs, targets and score mask (B, seq_len); short windows are right-padded (causality
-        makes the padding invisible to real positions)."""
+        """Inputs, targets and score mask (B, seq_len) and window starts (B,), built on the host and
+        copied without a host sync; short windows are right-padded (causality makes the padding
+        invisible to real positions)."""
         x = torch.zeros(len(windows), seq_len, dtype=torch.long)
         y = torch.zeros_like(x)
         mask = torch.zeros_like(x, dtype=torch.bool)
@@ -2297,8 +2342,7 @@ class Evaluator:
             x[i, :n] = self.tokens[s:e]
             y[i, :n] = self.tokens[s + 1:e + 1]
             mask[i, a - s - 1:n] = True
-        d = self.rt.device
-        return x.to(d), y.to(d), mask.to(d)
+        return [to_device(t, self.rt.device) for t in (x, y, mask, torch.tensor([w[0] for w in windows]))]
 
     @torch.no_grad()
     def score(self, windows, batch_seqs: int, label: str = "", token_losses: Tensor | None = None):
@@ -2310,20 +2354,20 @@ class Evaluator:
         for k, group in enumerate(mine):
             if rt.compile and len(group) < batch_seqs:  # one static shape, one compiled graph
                 group = group + [(0, 1, 2)] * (batch_seqs - len(group))
-            x, y, mask = self.batch(group, seq_len)
+            x, y, mask, starts = self.batch(group, seq_len)
             with rt.autocast_ctx():
                 nll = self.nll_fn(x, y).double()
-            self.record(group, x, y, mask, nll, token_losses)
+            self.record(starts, y, mask, nll, token_losses)
             if label and time.perf_counter() - last_log > 30:
                 last_log = time.perf_counter()
                 log_progress(rt, label, k + 1, len(mine), t0)
 
-    def record(self, windows, x: Tensor, y: Tensor, mask: Tensor, nll: Tensor, token_losses: Tensor | None):
-        """Add the masked float64 losses of a batch built by batch(windows) to the totals."""
-        starts = torch.tensor([w[0] for w in windows], device=x.device)
-        targets = (starts[:, None] + torch.arange(1, y.size(1) + 1, device=x.device)).clamp_max(self.val_bytes.numel() - 1)
+    def record(self, starts: Tensor, y: Tensor, mask: Tensor, nll: Tensor, token_losses: Tensor | None):
+        """Add the masked float64 losses of a batch built by batch() to the totals (masks multiply:
+        boolean indexing would wait for the device)."""
+        targets = (starts[:, None] + torch.arange(1, y.size(1) + 1, device=y.device)).clamp_max(self.val_bytes.numel() - 1)
         nbytes = self.val_bytes[targets]
-        self.totals += torch.stack([nll[mask].sum(), mask.sum().double(), nbytes[mask].sum().double()])
+        self.totals += torch.stack([(nll * mask).sum(), mask.sum().double(), (nbytes * mask).sum().double()])
         if token_losses is not None:
             rows, cols = mask.nonzero(as_tuple=True)
             token_losses[(starts[rows] + cols + 1).cpu()] = nll[rows, cols].cpu()
@@ -2391,7 +2435,8 @@ def ttt_train_chunk(model: GPT, nll_fn, tokens: Tensor, first: int, last: int, p
     computed what: 1 and N ranks take the same step."""
     seq_len, device = args.eval_seq_len, rt.device
     seqs = [(start, min(start + seq_len, last)) for start in range(first - 1, last, seq_len)]
-    grad_sums = [torch.zeros_like(param, dtype=torch.float64) for param in params]
+    flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=device)  # one all-reduce per step
+    grad_sums = [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in params]), params)]
     for group_start in range(0, len(seqs), args.ttt_batch_seqs):
         group = seqs[group_start:group_start + args.ttt_batch_seqs]
         for start, end in group[rt.rank::rt.world_size]:
@@ -2399,15 +2444,16 @@ def ttt_train_chunk(model: GPT, nll_fn, tokens: Tensor, first: int, last: int, p
             mask = torch.zeros(1, seq_len)
             inputs[0, :end - start], targets[0, :end - start], mask[0, :end - start] = tokens[start:end], tokens[start + 1:end + 1], 1
             with rt.autocast_ctx():
-                (nll_fn(inputs.to(device), targets.to(device)) * mask.to(device)).sum().backward()
+                (nll_fn(to_device(inputs, device), to_device(targets, device)) * to_device(mask, device)).sum().backward()
             for grad_sum, param in zip(grad_sums, params):
                 if param.grad is not None:
                     grad_sum += param.grad
                     param.grad = None
         group_targets = sum(end - start for start, end in group)
+        rt.all_reduce(flat)
         for grad_sum, param in zip(grad_sums, params):
-            param.grad = (rt.all_reduce(grad_sum) / group_targets).to(param.dtype)
-            grad_sum.zero_()
+            param.grad = (grad_sum / group_targets).to(param.dtype)
+        flat.zero_()
         if args.ttt_grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, args.ttt_grad_clip)
         opt.step()
@@ -2525,10 +2571,10 @@ def score_then_adapt_chunk(model: GPT, ev: Evaluator, batch: list, chunk: int, a
                 start + chunk * chunk_tokens + 1) for start, end in batch if end - start > chunk * chunk_tokens]
     forwarded = len(windows) * min(seq_len, chunk_end)
     with budget.timed("score", None, forwarded):
-        inputs, targets, mask = ev.batch(windows, min(seq_len, chunk_end))
+        inputs, targets, mask, starts = ev.batch(windows, min(seq_len, chunk_end))
         with torch.set_grad_enabled(adapt), ev.rt.autocast_ctx():
             nll = model.token_nll(inputs, targets)
-        ev.record(windows, inputs, targets, mask, nll.detach().double(), token_losses)
+        ev.record(starts, targets, mask, nll.detach().double(), token_losses)
     if adapt:
         with budget.timed("adapt", None, forwarded):
             (nll[mask].sum() / chunk_tokens).backward()  # only this chunk's targets, all scored above

@@ -48,6 +48,22 @@ def test_gptq_with_identity_hessian_equals_round_to_nearest():
     torch.testing.assert_close(q, tg.quantize_rtn(w, scale, 6))
 
 
+def test_calibration_and_gptq_run_without_tf32_and_restore_the_flags(monkeypatch):
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    seen, real_gptq = [], tg.gptq_quantize
+    monkeypatch.setattr(tg, "gptq_quantize", lambda *a: seen.append(flags()) or real_gptq(*a))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)  # as setup_runtime leaves them on CUDA
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    args = make_args(QUANT="gptq")
+    torch.manual_seed(0)
+    model = tg.GPT(args)
+    model.blocks[0].mlp.register_forward_pre_hook(lambda m, inp: seen.append(flags()))
+    hessians = tg.collect_hessians(model, [(torch.randint(0, 512, (2, 64)), None)], CPU)
+    tg.quantize_model(model, args, hessians)
+    assert len(seen) > 2 and set(seen) == {(False, False)}
+    assert flags() == (True, True)
+
+
 def test_lqer_reduces_the_error_of_the_corrected_tensors():
     args = make_args(QUANT="rtn", MLP_BITS=3, ATTN_BITS=3, LQER_RANK=4, LQER_TOP_K=2)
     torch.manual_seed(0)

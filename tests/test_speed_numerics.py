@@ -11,15 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_gpt as tg
-from conftest import make_args
+from conftest import TINY, TINY_ENV, make_args
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
 
 
-def two_rank_run(helper, tmp_path):
+def two_rank_run(helper, tmp_path, knobs=None):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(knobs or {})
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HELPERS.parents[1]), env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -101,14 +103,31 @@ def test_muon_step_allocates_no_buffers_and_keeps_momentum_in_place(monkeypatch)
     assert all(opt.state[p]["momentum_buffer"].abs().max() > 0 for p in params)
 
 
-@pytest.mark.parametrize("n, world, shares", [(11, 8, [2, 2, 2, 2, 2, 1, 0, 0]), (22, 8, [3] * 7 + [1]),
-                                               (3, 2, [2, 1]), (1, 2, [1, 0]), (5, 1, [5])])
-def test_bank_shares_are_contiguous_cover_every_matrix_once(n, world, shares):
+@pytest.mark.parametrize("counts", [[2, 2, 2, 2, 1, 1, 1, 0], [1, 2], [1, 0], [5]])
+def test_bank_shares_are_contiguous_cover_every_matrix_once(counts):
+    n, world = sum(counts), len(counts)
     params = [torch.zeros(4, 2) for _ in range(n)]
-    banks = [tg.MuonBank({}, params, r, world) for r in range(world)]
-    assert [b.hi - b.lo for b in banks] == shares
+    banks = [tg.MuonBank({}, params, r, world, counts) for r in range(world)]
+    assert [b.hi - b.lo for b in banks] == counts
     assert [i for b in banks for i in range(b.lo, b.hi)] == list(range(n))
-    assert all(b.lo == min(n, r * b.chunk) for r, b in enumerate(banks))
+    # param i's update sits in the gathered slot of its owner's share
+    assert banks[0].rows == [r * max(counts) + i - b.lo for r, b in enumerate(banks) for i in range(b.lo, b.hi)]
+
+
+def test_muon_shares_balance_the_record_banks_over_eight_ranks():
+    with torch.device("meta"):
+        model = tg.GPT(tg.Hyperparameters({}))  # the record's shape: banks of 22, 22, 11 and 11 matrices
+    banks = {}
+    for m in model.modules():
+        if isinstance(m, tg.CastedLinear) and m is not model.lm_head:  # Muon's matrices (build_optimizers)
+            banks.setdefault(tuple(m.weight.shape), []).append(m.weight)
+    sizes = [(len(ps), ps[0].numel() * min(ps[0].shape)) for ps in banks.values()]
+    assert sorted(n for n, _ in sizes) == [11, 11, 22, 22]
+    shares = tg.muon_shares(sizes, 8)
+    assert all(sum(c) == n and max(c) == -(-n // 8) for c, (n, _) in zip(shares, sizes))  # no gather grows
+    load = [sum(c[r] * cost for c, (_, cost) in zip(shares, sizes)) for r in range(8)]
+    # within one of the largest matrices of each other (before: ranks 6-7 had 1/16 of rank 0's work)
+    assert max(load) - min(load) <= max(cost for _, cost in sizes)
 
 
 # --- XSA ----------------------------------------------------------------------------------------
@@ -163,6 +182,85 @@ def test_ranks_that_disagree_on_the_clock_stop_after_the_same_step(tmp_path):
     verdicts = two_rank_run("stop_dist.py", tmp_path)
     # rank 0 is over budget from step 2, rank 1 from step 3: both stop at step 2
     assert verdicts == [[False, False, True, True, True, True]] * 2
+
+
+@pytest.mark.slow
+def test_ranks_whose_clocks_disagree_switch_schedule_at_the_same_step(tmp_path):
+    knobs = dict(TINY_ENV, DATA_PATH=str(TINY), TOKENIZER_PATH=str(TINY / "tokenizer.model"), ITERATIONS="1000",
+                 MAX_WALLCLOCK_SECONDS="0.06", GPTQ_RESERVE_SECONDS="0", ENABLE_LOOPING_AT="0.3",
+                 LATE_QAT_THRESHOLD="0.4", WARMDOWN_FRAC="0.8", TRAIN_LOG_EVERY="1000")
+    traces = two_rank_run("clock_dist.py", tmp_path, knobs)
+    # rank 1's clock runs twice as fast as rank 0's; the ranks train with one schedule, the faster clock's
+    assert traces[0] == traces[1]
+    lrs, looping, qat = zip(*traces[0])
+    assert 10 < len(lrs) < 40 and lrs[0] > lrs[-1] and not looping[0] and looping[-1] and not qat[0] and qat[-1]
+
+
+# --- host syncs in hot loops --------------------------------------------------------------------
+
+
+class DataDependentOps(TorchDispatchMode):
+    """Records ops that make the host wait for the device: boolean indexing, nonzero, tensor reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        index_by_mask = func is torch.ops.aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])
+        if index_by_mask or func in (torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default,
+                                     torch.ops.aten._local_scalar_dense.default):
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_evaluation_batches_need_no_host_sync(monkeypatch):
+    args = make_args(EVAL_SEQ_LEN=32, EVAL_BATCH_SEQS=2)
+    tokens = torch.randint(0, 512, (200,), generator=torch.Generator().manual_seed(0))
+    ev = tg.Evaluator(tg.GPT(args).eval(), tokens, torch.ones(200, dtype=torch.int32), args,
+                      tg.Runtime(0, 1, 0, torch.device("cpu"), False, False, None))
+    made_on = []  # torch.tensor(list, device=cuda) copies from pageable memory: a host sync per batch
+    real_tensor = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made_on.append(k.get("device")) or real_tensor(*a, **k))
+    with DataDependentOps() as ops:
+        ev.score(tg.plan_windows(1, 199, 32, 16), 2)
+    assert ops.seen == [] and set(made_on) == {None} and len(made_on) > 0
+    assert int(ev.totals[1]) == 199
+
+
+def test_loader_copies_from_pinned_memory_on_cuda(monkeypatch):
+    copies = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: copies.append("pinned") or t)
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: copies.append(("to", k.get("non_blocking"))) or t)
+    args = make_args(GRAD_ACCUM_STEPS=2)
+    rt = tg.Runtime(0, 1, 0, torch.device("cuda"), False, False, None)
+    micro = tg.TrainLoader(args, rt, 2).next_batch()
+    assert copies == ["pinned", ("to", True)] and len(micro) == 2
+
+
+def test_chunk_ttt_all_reduces_once_per_step(monkeypatch):
+    args = make_args(EVAL_SEQ_LEN=32, TTT_BATCH_SEQS=2, TTT_PARAMS="all")
+    torch.manual_seed(0)
+    model = tg.GPT(args)
+    params = tg.ttt_parameters(model, args)
+    rt = tg.Runtime(0, 2, 0, torch.device("cpu"), False, False, None)
+    reduced = []
+    monkeypatch.setattr(rt, "all_reduce", lambda t, op=None: reduced.append(t.numel()) or t)
+    opt = torch.optim.SGD(params, lr=0.0)
+    tokens = torch.randint(0, 512, (200,), generator=torch.Generator().manual_seed(0))
+    tg.ttt_train_chunk(model, model.token_nll, tokens, 1, 128, params, opt, args, rt)
+    assert reduced == [sum(p.numel() for p in params)] * 2  # 4 sequences, 2 per step
+
+
+@pytest.mark.slow
+def test_every_rank_primes_the_evaluation_graphs(tmp_path):
+    knobs = dict(TINY_ENV, DATA_PATH=str(TINY), TOKENIZER_PATH=str(TINY / "tokenizer.model"), EVAL_SEQ_LEN="64",
+                 EVAL_BATCH_SEQS="2", VAL_BATCH_SIZE="4096", TTT_ENABLED="0", TTT_CHUNK_TOKENS="64")
+    counts = two_rank_run("prime_dist.py", tmp_path, knobs)
+    # each rank primes the one evaluation graph (the artifact-like model shares it); the real
+    # evaluations (3 batches per rank, the last one padded) compile nothing on either rank. Before:
+    # the dummy stream's 2 windows made one batch, rank 0's, and rank 1 compiled while evaluating.
+    assert counts == [[1, 0], [1, 0]]
 
 
 # --- attention backends -------------------------------------------------------------------------

@@ -304,3 +304,33 @@ def test_two_ranks_match_one_process(tmp_path, tiny_env):
     assert "launch world_size:2" in log2
     l1, l2 = (float(log_value(log, "final_prequant", "val_loss")) for log in (log1, log2))
     assert abs(l1 - l2) < 1e-4
+
+
+@pytest.mark.slow
+def test_eight_ranks_match_one_process(tmp_path, tiny_env):
+    """The record's world size: 2 training sequences per rank, Muon banks of 2 to 6 matrices shared
+    unevenly (ranks with no share), evaluation batches on 2 of 8 ranks, one TTT sequence per rank."""
+    tiny_env.update(MAX_WALLCLOCK_SECONDS="3600", GPTQ_RESERVE_SECONDS="0", TTT_ENABLED="1", TTT_CHUNK_TOKENS="512",
+                    TTT_LR="0.02", PHASED_TTT_CHUNK_TOKENS="32", PHASED_TTT_DOCS_PER_BATCH="3",
+                    PHASED_TTT_NUM_PHASES="2", PHASED_TTT_PREFIX_DOCS="8")
+    one, eight = tmp_path / "one", tmp_path / "eight"
+    one.mkdir(), eight.mkdir()
+    env1, env8 = (dict(tiny_env, ARTIFACT_PATH=str(d / "m.pgart")) for d in (one, eight))
+    _, train1 = run_train(env1, one)  # chunk TTT on its artifact
+    _, train8 = run_train(dict(env8, PHASED_TTT_ENABLED="1"), eight, nproc=8)  # phased TTT on its artifact
+    assert "launch world_size:8" in train8
+    # Training: the same steps and schedule (the wallclock budget is agreed every step but never binds);
+    # gradients are fp32 sums in another order (8 micro-batches accumulated vs 8 ranks all-reduced), a
+    # ~1e-7 relative difference per step that 8 steps leave far below 1e-4 of the loss.
+    assert log_value(train1, "train_total", "steps") == log_value(train8, "train_total", "steps") == 8
+    for label in ("step", "final_prequant"):
+        key = "train_loss" if label == "step" else "val_loss"
+        assert float(log_value(train1, label, key)) == pytest.approx(float(log_value(train8, label, key)), abs=1e-4)
+    # Evaluation of one artifact: every row and TTT gradient is computed alike on any world size and
+    # summed in float64, so the printed 8 decimals agree (chunk TTT: 1-process artifact on 8 ranks;
+    # phased TTT: 8-rank artifact on 1 process).
+    _, eval8 = run_train(dict(env1, EVAL_ONLY=env1["ARTIFACT_PATH"], RUN_ID="eval8"), one, nproc=8)
+    _, eval1 = run_train(dict(env8, EVAL_ONLY=env8["ARTIFACT_PATH"], RUN_ID="eval1", PHASED_TTT_ENABLED="1"), eight)
+    for a, b, label in ((train1, eval8, "final_roundtrip"), (train1, eval8, "final_ttt"),
+                        (train8, eval1, "final_phased_ttt")):
+        assert float(log_value(b, label, "val_loss")) == pytest.approx(float(log_value(a, label, "val_loss")), abs=2e-8), label

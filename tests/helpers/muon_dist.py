@@ -8,8 +8,9 @@ import torch
 
 import train_gpt as tg  # the test puts the repository on PYTHONPATH
 
-# Banks of 3, 2 and three of 1 matrix, interleaved: on 2 ranks the (24, 8) bank splits 2 + 1, the
-# (16, 16) bank 1 + 1, and rank 1 owns nothing of the single-matrix banks.
+# Banks of 3, 2 and three of 1 matrix, interleaved: balanced by cost (muon_shares), on 2 ranks the
+# (24, 8) bank splits 1 + 2, the (16, 16) bank 1 + 1 and each single matrix goes to one rank; on 8
+# ranks every rank owns at most one matrix and rank 0 owns nothing of the (24, 8) bank.
 SHAPES = [(24, 8), (8, 24), (24, 8), (16, 16), (32, 12), (24, 8), (12, 20), (16, 16)]
 
 
