@@ -7,6 +7,7 @@ Every knob is an environment variable (see KNOBS). Runs as `python train_gpt.py`
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import fcntl
@@ -79,7 +80,7 @@ KNOBS = [
     K("RUN_ID", "", str, "log/artifact name (default: a fresh uuid)"),
     K("SEED", 1337, int, "random seed (model init and data order are fixed by it)"),
     K("STRICT_ENV", 0, bool, "1: an unknown env var that looks like a misspelt knob is an error"),
-    K("LOG_OVERWRITE", 0, bool, "1: replace an earlier run's logs/<RUN_ID>.txt (0: reusing a RUN_ID is an error)"),
+    K("LOG_OVERWRITE", 0, bool, "1: replace an earlier run's logs/<RUN_ID>.txt and artifact (0: reusing a RUN_ID or an artifact path is an error)"),
     K("COMPILE", "auto", ("auto", "0", "1"), "torch.compile (auto: on for CUDA)"),
     K("AUTOCAST", "auto", ("auto", "bf16", "off"), "bf16 autocast (auto: on for CUDA)"),
     K("ATTN_BACKEND", "auto", ("auto", "fa4", "fa3", "fa2", "sdpa"), "attention kernel; an unavailable explicit choice is an error"),
@@ -514,6 +515,41 @@ def open_run_log(path: str, overwrite: bool) -> int:
         if tmp and os.path.exists(tmp):
             os.unlink(tmp)
     return fd
+
+
+def lock_artifact_path(path: str, overwrite: bool):
+    """Hold path + '.lock' locked for the run's life, so that two live runs never share an
+    artifact, and refuse a path that holds anything but an earlier artifact (another run's log,
+    code) or, without overwrite, an earlier artifact (its log could no longer be verified)."""
+    lock = path + ".lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"ARTIFACT_PATH={path} is being written by another running process") from None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # a run that ended removed the lock file between our open and flock: retry
+
+    def release():  # removed while still locked, so no other run can hold the removed file
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            refuse = ("exists and is not an artifact; it is never overwritten" if f.read(len(ARTIFACT_MAGIC)) != ARTIFACT_MAGIC
+                      else None if overwrite else "holds an earlier run's artifact; choose another ARTIFACT_PATH "
+                      "or set LOG_OVERWRITE=1 to replace it")
+        if refuse:
+            release()
+            raise ConfigError(f"ARTIFACT_PATH={path} {refuse}")
+    atexit.register(release)
 
 
 @dataclass
@@ -2690,9 +2726,6 @@ def train_and_export(args: Hyperparameters, rt: Runtime, backend: str, code_byte
     total_ms, cap_ms, reserve_ms = trained.train_ms + export_ms, 1000 * args.max_wallclock_seconds, 1000 * args.gptq_reserve_seconds
     rt.log(f"train_total steps:{trained.steps} train_ms:{trained.train_ms:.0f} export_ms:{export_ms:.0f} "
            f"total_ms:{total_ms:.0f} cap_ms:{cap_ms:.0f} reserve_ms:{reserve_ms:.0f}")
-    if 0 < cap_ms < total_ms:
-        rt.log(f"error: training_clock_over_cap total_ms:{total_ms:.0f} cap_ms:{cap_ms:.0f} "
-               f"export_ms:{export_ms:.0f} reserve_ms:{reserve_ms:.0f}")
     return model, total_ms
 
 
@@ -2709,8 +2742,6 @@ def evaluate_artifact(args: Hyperparameters, rt: Runtime, backend: str, code_byt
     total = code_bytes + bytes_model
     rt.log(f"artifact path:{path} bytes_code:{code_bytes} bytes_model:{bytes_model} bytes_total:{total} "
            f"limit:{args.artifact_budget} compressor:{meta['compressor']} sha256:{meta['sha256']}")
-    if total > args.artifact_budget:
-        rt.log(f"error: artifact_over_budget bytes_total:{total} limit:{args.artifact_budget}")
     label, result = final_evaluations(model, *validation, args, rt, eval_t0)
     eval_ms = 1000 * (time.perf_counter() - eval_t0)
     rt.log(f"eval_time total_ms:{eval_ms:.0f} limit_ms:{1000 * args.eval_max_seconds:.0f}")
@@ -2739,6 +2770,8 @@ def run(args: Hyperparameters, rt: Runtime):
     except (OSError, ValueError) as e:
         raise ConfigError(str(e)) from None
     path = args.artifact_file()
+    if rt.master and not args.eval_only:
+        lock_artifact_path(path, args.log_overwrite)
     if args.eval_only:
         eval_t0, train_ms = time.perf_counter(), 0.0
     else:
@@ -2749,7 +2782,13 @@ def run(args: Hyperparameters, rt: Runtime):
     total = evaluate_artifact(args, rt, backend, code.nbytes, validation, path, eval_t0, train_ms)
     if dist.is_initialized():
         dist.destroy_process_group()
-    if total > args.artifact_budget:
+    # A run over a limit is still scored, for diagnosis; its error lines then end the log and the exit fails.
+    cap_ms = 1000 * args.max_wallclock_seconds
+    failures = ([f"error: training_clock_over_cap total_ms:{train_ms:.0f} cap_ms:{cap_ms:.0f}"] if 0 < cap_ms < train_ms else []) + \
+        ([f"error: artifact_over_budget bytes_total:{total} limit:{args.artifact_budget}"] if total > args.artifact_budget else [])
+    for line in failures:
+        rt.log(line)
+    if failures:
         sys.exit(1)
 
 

@@ -50,6 +50,37 @@ def test_reused_run_id_is_refused_and_a_live_log_is_never_replaced(tmp_path):
     assert sorted(os.listdir(tmp_path / "logs")) == ["run.txt"]  # no temporary files left
 
 
+def test_artifact_path_is_locked_and_never_replaces_a_log_or_an_unasked_artifact(tmp_path):
+    """Issue 19: two live runs shared an artifact (one scored the other's model); an ARTIFACT_PATH
+    naming a log replaced it with the artifact; an earlier artifact was replaced without an opt-in."""
+    log = tmp_path / "logs" / "run.txt"
+    os.close(tg.open_run_log(str(log), overwrite=False))
+    log.write_text("code path:x\n")
+    with pytest.raises(tg.ConfigError, match="exists and is not an artifact; it is never overwritten"):
+        tg.lock_artifact_path(str(log), overwrite=True)
+    assert log.read_text() == "code path:x\n"
+    art = tmp_path / "m.pgart"
+    art.write_bytes(tg.ARTIFACT_MAGIC + b"earlier run")
+    with pytest.raises(tg.ConfigError, match="holds an earlier run's artifact; .*LOG_OVERWRITE=1"):
+        tg.lock_artifact_path(str(art), overwrite=False)
+    tg.lock_artifact_path(str(art), overwrite=True)  # held until this process ends
+    with pytest.raises(tg.ConfigError, match="m.pgart is being written by another running process"):
+        tg.lock_artifact_path(str(art), overwrite=True)
+
+
+@pytest.mark.slow
+def test_artifact_lock_holds_across_processes_and_an_ended_run_leaves_no_lock_file(tmp_path):
+    art = tmp_path / "m.pgart"
+    tg.lock_artifact_path(str(art), overwrite=False)  # held until this process ends
+    held = subprocess.run([sys.executable, "-c", "import train_gpt as tg, sys; tg.lock_artifact_path(sys.argv[1], True)",
+                           str(art)], cwd=ROOT, capture_output=True, text=True)
+    assert held.returncode != 0 and "being written by another running process" in held.stderr
+    fresh = tmp_path / "fresh.pgart"
+    subprocess.run([sys.executable, "-c", "import train_gpt as tg, sys; tg.lock_artifact_path(sys.argv[1], False)",
+                    str(fresh)], cwd=ROOT, check=True)
+    assert not (tmp_path / "fresh.pgart.lock").exists()  # an ended run leaves no lock file
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full to simulate a full disk")
 def test_a_failed_log_write_warns_once_and_does_not_raise(capsys):
     fd = os.open("/dev/full", os.O_WRONLY)
