@@ -176,7 +176,7 @@ KNOBS = [
     K("PACK_BITS", 0, bool, "bit-pack quantized values densely (smaller raw, but generic compressors do worse)"),
     K("COMPRESSOR", "brotli", ("zstd", "brotli", "lzma", "auto"), "artifact compressor (auto: smallest of all)"),
     K("COMPRESSION_LEVEL", -1, int, "compressor level (-1: brotli 10, zstd 22, lzma 9)", -1),
-    K("COMPRESS_WORKERS", 0, int, "processes compressing artifact chunks in parallel (0: one per usable core)", 0),
+    K("COMPRESS_WORKERS", 0, int, "threads compressing artifact chunks in parallel (0: one per usable core)", 0),
     K("ARTIFACT_BUDGET", 16000000, int, "bytes allowed for code + model; export lowers bits to fit", 1),
     K("ARTIFACT_PATH", "", str, "artifact file (default logs/<RUN_ID>.pgart)"),
     K("EVAL_ONLY", "", str, "artifact to evaluate instead of training"),
@@ -2148,18 +2148,15 @@ def usable_cpus() -> int:
 
 
 def compress_chunks(chunks: list[bytes], name: str, level: int, workers: int, cache: dict) -> tuple[list[bytes], int]:
-    """Each chunk compressed on its own, in a pool of forked processes; chunks already in cache (keyed
-    by content) are reused. Returns the compressed chunks and how many were compressed now."""
+    """Each chunk compressed on its own, in a pool of threads (brotli, zstandard and lzma release the
+    GIL while they compress; processes would be forked from a parent running CUDA and NCCL threads,
+    and could outlive it holding the log's lock); chunks already in cache (keyed by content) are
+    reused. Returns the compressed chunks and how many were compressed now."""
     keys = [(name, level, hashlib.sha256(c).digest()) for c in chunks]
     todo = {k: (name, level, c) for k, c in zip(keys, chunks) if k not in cache}
-    workers = min(len(todo), workers or usable_cpus())
-    if workers > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            done = list(pool.map(compress_chunk, todo.values()))
-    else:
-        done = [compress_chunk(job) for job in todo.values()]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max(1, min(len(todo), workers or usable_cpus()))) as pool:
+        done = list(pool.map(compress_chunk, todo.values()))
     cache.update(zip(todo, done))
     return [cache[k] for k in keys], len(todo)
 

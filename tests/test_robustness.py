@@ -81,6 +81,18 @@ def test_artifact_lock_holds_across_processes_and_an_ended_run_leaves_no_lock_fi
     assert not (tmp_path / "fresh.pgart.lock").exists()  # an ended run leaves no lock file
 
 
+def compressing_pid(job):
+    return str(os.getpid()).encode()
+
+
+def test_compression_workers_live_in_the_run_so_they_die_with_it(monkeypatch):
+    """Issue 19/23: forked compression workers outlived a killed run, holding its log's lock, and
+    were forked from a parent running CUDA/NCCL threads. They are threads of the run now."""
+    monkeypatch.setattr(tg, "compress_chunk", compressing_pid)
+    out, fresh = tg.compress_chunks([bytes([i]) * 100 for i in range(4)], "zstd", 1, 4, {})
+    assert fresh == 4 and set(out) == {str(os.getpid()).encode()}
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full to simulate a full disk")
 def test_a_failed_log_write_warns_once_and_does_not_raise(capsys):
     fd = os.open("/dev/full", os.O_WRONLY)
