@@ -755,7 +755,10 @@ class TrainLoader:
 def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"TOKENIZER_PATH={path}: no such file")
-    sp = spm.SentencePieceProcessor(model_file=path)
+    try:
+        sp = spm.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError) as e:
+        raise ConfigError(f"TOKENIZER_PATH={path} is not a SentencePiece model ({e})") from None
     if sp.vocab_size() != vocab_size:
         raise ConfigError(f"tokenizer {path} has vocab size {sp.vocab_size()} but VOCAB_SIZE={vocab_size}")
     return sp
@@ -773,8 +776,12 @@ def check_tokenizer_identity(args: Hyperparameters, artifact_sha: str = "") -> s
     mine = f"TOKENIZER_PATH={args.tokenizer_path} (sha256 {sha})"
     record = os.path.join(args.data_path, TOKENIZER_RECORD)
     if os.path.isfile(record):
-        with open(record, encoding="utf-8") as f:
-            want = json.load(f)["sha256"]
+        try:
+            with open(record, encoding="utf-8") as f:
+                want = json.load(f)["sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{record} is malformed ({type(e).__name__}: {e}); rebuild the shards with "
+                              "data/convert_text.py") from None
         if want != sha:
             raise ConfigError(f"{mine} is not the tokenizer the shards were made with ({record}: sha256 {want})")
         checked = "record"
@@ -792,7 +799,7 @@ def check_tokenizer_identity(args: Hyperparameters, artifact_sha: str = "") -> s
 
 def check_inputs(args: Hyperparameters) -> str:
     """Everything the run reads or writes, checked before the first step so that a bad input never
-    costs a trained model (a train shard's token range is checked when it is first loaded)."""
+    costs a trained model."""
     if not os.path.isdir(args.data_path):
         raise ConfigError(f"DATA_PATH={args.data_path} does not exist; {DATA_HINT}")
     if not os.path.isfile(args.tokenizer_path):
@@ -800,8 +807,10 @@ def check_inputs(args: Hyperparameters) -> str:
     try:
         if sum(load_shard(path, args.vocab_size).size for path in shard_files(args.data_path, "val")) < 2:
             raise ValueError(f"validation shards under {args.data_path} hold fewer than 2 tokens")
-        for path in [] if args.eval_only else shard_files(args.data_path, "train"):
-            shard_token_count(path)
+        train = 0 if args.eval_only else sum(load_shard(path, args.vocab_size).size for path in shard_files(args.data_path, "train"))
+        if not args.eval_only and train <= args.train_batch_tokens:  # the loader would wait forever for tokens
+            raise ValueError(f"train shards under {args.data_path} hold {train} tokens; one step needs "
+                             f"TRAIN_BATCH_TOKENS + 1 = {args.train_batch_tokens + 1}")
     except (OSError, ValueError) as e:
         raise ConfigError(str(e)) from None
     if not args.eval_only:
@@ -2797,11 +2806,11 @@ def raise_interrupted(signum, frame):
     raise Interrupted(signal.Signals(signum).name)
 
 
-def exit_with_error(rt: Runtime | None, line: str, code: int):
+def exit_with_error(rt: Runtime | None, line: str, code: int, exit=sys.exit):
     print(line, file=sys.stderr, flush=True)
     if rt:
         rt.log(line, console=False)
-    sys.exit(code)
+    exit(code)
 
 
 def main():
@@ -2825,6 +2834,10 @@ def main():
     except Interrupted as e:
         exit_with_error(rt, f"error: signal name:{e}", 128 + signal.Signals[str(e)].value)
     except Exception as e:
+        if dist.is_initialized() and (isinstance(e, dist.DistError) or "by peer" in str(e)):
+            # another rank died inside a collective; a normal exit would abort in gloo's teardown
+            exit_with_error(rt, f"error: peer_lost rank:{os.environ.get('RANK', 0)} world_size:{os.environ.get('WORLD_SIZE', 1)} "
+                            f"message:{' '.join(str(e).split())} (the rank that died says why in its own output)", 1, os._exit)
         if rt:
             rt.log(f"error: exception type:{type(e).__name__} message:{' '.join(str(e).split())}", console=False)
         raise
