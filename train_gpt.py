@@ -7,6 +7,7 @@ Every knob is an environment variable (see KNOBS). Runs as `python train_gpt.py`
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import fcntl
@@ -79,7 +80,7 @@ KNOBS = [
     K("RUN_ID", "", str, "log/artifact name (default: a fresh uuid)"),
     K("SEED", 1337, int, "random seed (model init and data order are fixed by it)"),
     K("STRICT_ENV", 0, bool, "1: an unknown env var that looks like a misspelt knob is an error"),
-    K("LOG_OVERWRITE", 0, bool, "1: replace an earlier run's logs/<RUN_ID>.txt (0: reusing a RUN_ID is an error)"),
+    K("LOG_OVERWRITE", 0, bool, "1: replace an earlier run's logs/<RUN_ID>.txt and artifact (0: reusing a RUN_ID or an artifact path is an error)"),
     K("COMPILE", "auto", ("auto", "0", "1"), "torch.compile (auto: on for CUDA)"),
     K("AUTOCAST", "auto", ("auto", "bf16", "off"), "bf16 autocast (auto: on for CUDA)"),
     K("ATTN_BACKEND", "auto", ("auto", "fa4", "fa3", "fa2", "sdpa"), "attention kernel; an unavailable explicit choice is an error"),
@@ -175,7 +176,7 @@ KNOBS = [
     K("PACK_BITS", 0, bool, "bit-pack quantized values densely (smaller raw, but generic compressors do worse)"),
     K("COMPRESSOR", "brotli", ("zstd", "brotli", "lzma", "auto"), "artifact compressor (auto: smallest of all)"),
     K("COMPRESSION_LEVEL", -1, int, "compressor level (-1: brotli 10, zstd 22, lzma 9)", -1),
-    K("COMPRESS_WORKERS", 0, int, "processes compressing artifact chunks in parallel (0: one per usable core)", 0),
+    K("COMPRESS_WORKERS", 0, int, "threads compressing artifact chunks in parallel (0: one per usable core)", 0),
     K("ARTIFACT_BUDGET", 16000000, int, "bytes allowed for code + model; export lowers bits to fit", 1),
     K("ARTIFACT_PATH", "", str, "artifact file (default logs/<RUN_ID>.pgart)"),
     K("EVAL_ONLY", "", str, "artifact to evaluate instead of training"),
@@ -373,6 +374,8 @@ class Hyperparameters:
         for name in ("ATTN_BITS", "MLP_BITS", "EMBED_BITS", "OTHER_BITS"):
             need(2 <= getattr(self, name.lower()) <= 8, f"{name}={getattr(self, name.lower())}: must be 2..8")
         need(self.warmdown_frac <= 1 and self.min_lr <= 1, "WARMDOWN_FRAC and MIN_LR must be <= 1")
+        # a stride past the window would leave the targets between windows unscored
+        need(self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} exceeds EVAL_SEQ_LEN={self.eval_seq_len}")
         need(self.eval_only or self.train_batch_tokens % self.train_seq_len == 0,
              f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
 
@@ -512,6 +515,41 @@ def open_run_log(path: str, overwrite: bool) -> int:
         if tmp and os.path.exists(tmp):
             os.unlink(tmp)
     return fd
+
+
+def lock_artifact_path(path: str, overwrite: bool):
+    """Hold path + '.lock' locked for the run's life, so that two live runs never share an
+    artifact, and refuse a path that holds anything but an earlier artifact (another run's log,
+    code) or, without overwrite, an earlier artifact (its log could no longer be verified)."""
+    lock = path + ".lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"ARTIFACT_PATH={path} is being written by another running process") from None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # a run that ended removed the lock file between our open and flock: retry
+
+    def release():  # removed while still locked, so no other run can hold the removed file
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            refuse = ("exists and is not an artifact; it is never overwritten" if f.read(len(ARTIFACT_MAGIC)) != ARTIFACT_MAGIC
+                      else None if overwrite else "holds an earlier run's artifact; choose another ARTIFACT_PATH "
+                      "or set LOG_OVERWRITE=1 to replace it")
+        if refuse:
+            release()
+            raise ConfigError(f"ARTIFACT_PATH={path} {refuse}")
+    atexit.register(release)
 
 
 @dataclass
@@ -724,7 +762,10 @@ class TrainLoader:
 def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"TOKENIZER_PATH={path}: no such file")
-    sp = spm.SentencePieceProcessor(model_file=path)
+    try:
+        sp = spm.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError) as e:
+        raise ConfigError(f"TOKENIZER_PATH={path} is not a SentencePiece model ({e})") from None
     if sp.vocab_size() != vocab_size:
         raise ConfigError(f"tokenizer {path} has vocab size {sp.vocab_size()} but VOCAB_SIZE={vocab_size}")
     return sp
@@ -742,8 +783,12 @@ def check_tokenizer_identity(args: Hyperparameters, artifact_sha: str = "") -> s
     mine = f"TOKENIZER_PATH={args.tokenizer_path} (sha256 {sha})"
     record = os.path.join(args.data_path, TOKENIZER_RECORD)
     if os.path.isfile(record):
-        with open(record, encoding="utf-8") as f:
-            want = json.load(f)["sha256"]
+        try:
+            with open(record, encoding="utf-8") as f:
+                want = json.load(f)["sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{record} is malformed ({type(e).__name__}: {e}); rebuild the shards with "
+                              "data/convert_text.py") from None
         if want != sha:
             raise ConfigError(f"{mine} is not the tokenizer the shards were made with ({record}: sha256 {want})")
         checked = "record"
@@ -761,7 +806,7 @@ def check_tokenizer_identity(args: Hyperparameters, artifact_sha: str = "") -> s
 
 def check_inputs(args: Hyperparameters) -> str:
     """Everything the run reads or writes, checked before the first step so that a bad input never
-    costs a trained model (a train shard's token range is checked when it is first loaded)."""
+    costs a trained model."""
     if not os.path.isdir(args.data_path):
         raise ConfigError(f"DATA_PATH={args.data_path} does not exist; {DATA_HINT}")
     if not os.path.isfile(args.tokenizer_path):
@@ -769,8 +814,10 @@ def check_inputs(args: Hyperparameters) -> str:
     try:
         if sum(load_shard(path, args.vocab_size).size for path in shard_files(args.data_path, "val")) < 2:
             raise ValueError(f"validation shards under {args.data_path} hold fewer than 2 tokens")
-        for path in [] if args.eval_only else shard_files(args.data_path, "train"):
-            shard_token_count(path)
+        train = 0 if args.eval_only else sum(load_shard(path, args.vocab_size).size for path in shard_files(args.data_path, "train"))
+        if not args.eval_only and train <= args.train_batch_tokens:  # the loader would wait forever for tokens
+            raise ValueError(f"train shards under {args.data_path} hold {train} tokens; one step needs "
+                             f"TRAIN_BATCH_TOKENS + 1 = {args.train_batch_tokens + 1}")
     except (OSError, ValueError) as e:
         raise ConfigError(str(e)) from None
     if not args.eval_only:
@@ -2154,18 +2201,15 @@ def usable_cpus() -> int:
 
 
 def compress_chunks(chunks: list[bytes], name: str, level: int, workers: int, cache: dict) -> tuple[list[bytes], int]:
-    """Each chunk compressed on its own, in a pool of forked processes; chunks already in cache (keyed
-    by content) are reused. Returns the compressed chunks and how many were compressed now."""
+    """Each chunk compressed on its own, in a pool of threads (brotli, zstandard and lzma release the
+    GIL while they compress; processes would be forked from a parent running CUDA and NCCL threads,
+    and could outlive it holding the log's lock); chunks already in cache (keyed by content) are
+    reused. Returns the compressed chunks and how many were compressed now."""
     keys = [(name, level, hashlib.sha256(c).digest()) for c in chunks]
     todo = {k: (name, level, c) for k, c in zip(keys, chunks) if k not in cache}
-    workers = min(len(todo), workers or usable_cpus())
-    if workers > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            done = list(pool.map(compress_chunk, todo.values()))
-    else:
-        done = [compress_chunk(job) for job in todo.values()]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max(1, min(len(todo), workers or usable_cpus()))) as pool:
+        done = list(pool.map(compress_chunk, todo.values()))
     cache.update(zip(todo, done))
     return [cache[k] for k in keys], len(todo)
 
@@ -2734,9 +2778,6 @@ def train_and_export(args: Hyperparameters, rt: Runtime, backend: str, code_byte
     total_ms, cap_ms, reserve_ms = trained.train_ms + export_ms, 1000 * args.max_wallclock_seconds, 1000 * args.gptq_reserve_seconds
     rt.log(f"train_total steps:{trained.steps} train_ms:{trained.train_ms:.0f} export_ms:{export_ms:.0f} "
            f"total_ms:{total_ms:.0f} cap_ms:{cap_ms:.0f} reserve_ms:{reserve_ms:.0f}")
-    if 0 < cap_ms < total_ms:
-        rt.log(f"error: training_clock_over_cap total_ms:{total_ms:.0f} cap_ms:{cap_ms:.0f} "
-               f"export_ms:{export_ms:.0f} reserve_ms:{reserve_ms:.0f}")
     return model, total_ms
 
 
@@ -2753,8 +2794,6 @@ def evaluate_artifact(args: Hyperparameters, rt: Runtime, backend: str, code_byt
     total = code_bytes + bytes_model
     rt.log(f"artifact path:{path} bytes_code:{code_bytes} bytes_model:{bytes_model} bytes_total:{total} "
            f"limit:{args.artifact_budget} compressor:{meta['compressor']} sha256:{meta['sha256']}")
-    if total > args.artifact_budget:
-        rt.log(f"error: artifact_over_budget bytes_total:{total} limit:{args.artifact_budget}")
     label, result = final_evaluations(model, *validation, args, rt, eval_t0)
     eval_ms = 1000 * (time.perf_counter() - eval_t0)
     rt.log(f"eval_time total_ms:{eval_ms:.0f} limit_ms:{1000 * args.eval_max_seconds:.0f}")
@@ -2783,6 +2822,8 @@ def run(args: Hyperparameters, rt: Runtime):
     except (OSError, ValueError) as e:
         raise ConfigError(str(e)) from None
     path = args.artifact_file()
+    if rt.master and not args.eval_only:
+        lock_artifact_path(path, args.log_overwrite)
     if args.eval_only:
         eval_t0, train_ms = time.perf_counter(), 0.0
     else:
@@ -2793,7 +2834,13 @@ def run(args: Hyperparameters, rt: Runtime):
     total = evaluate_artifact(args, rt, backend, code.nbytes, validation, path, eval_t0, train_ms)
     if dist.is_initialized():
         dist.destroy_process_group()
-    if total > args.artifact_budget:
+    # A run over a limit is still scored, for diagnosis; its error lines then end the log and the exit fails.
+    cap_ms = 1000 * args.max_wallclock_seconds
+    failures = ([f"error: training_clock_over_cap total_ms:{train_ms:.0f} cap_ms:{cap_ms:.0f}"] if 0 < cap_ms < train_ms else []) + \
+        ([f"error: artifact_over_budget bytes_total:{total} limit:{args.artifact_budget}"] if total > args.artifact_budget else [])
+    for line in failures:
+        rt.log(line)
+    if failures:
         sys.exit(1)
 
 
@@ -2805,11 +2852,11 @@ def raise_interrupted(signum, frame):
     raise Interrupted(signal.Signals(signum).name)
 
 
-def exit_with_error(rt: Runtime | None, line: str, code: int):
+def exit_with_error(rt: Runtime | None, line: str, code: int, exit=sys.exit):
     print(line, file=sys.stderr, flush=True)
     if rt:
         rt.log(line, console=False)
-    sys.exit(code)
+    exit(code)
 
 
 def main():
@@ -2833,6 +2880,10 @@ def main():
     except Interrupted as e:
         exit_with_error(rt, f"error: signal name:{e}", 128 + signal.Signals[str(e)].value)
     except Exception as e:
+        if dist.is_initialized() and (isinstance(e, dist.DistError) or "by peer" in str(e)):
+            # another rank died inside a collective; a normal exit would abort in gloo's teardown
+            exit_with_error(rt, f"error: peer_lost rank:{os.environ.get('RANK', 0)} world_size:{os.environ.get('WORLD_SIZE', 1)} "
+                            f"message:{' '.join(str(e).split())} (the rank that died says why in its own output)", 1, os._exit)
         if rt:
             rt.log(f"error: exception type:{type(e).__name__} message:{' '.join(str(e).split())}", console=False)
         raise

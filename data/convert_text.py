@@ -205,7 +205,10 @@ def write_shards(
         raise ValueError("val_docs must be >= 1: train_gpt.py needs a validation split")
     if shard_tokens < 1:
         raise ValueError("shard_tokens must be >= 1")
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    except (RuntimeError, OSError) as e:
+        raise ValueError(f"{tokenizer_path} is not a SentencePiece model ({e})") from None
     vocab_size = sp.vocab_size()
     if vocab_size > MAX_TOKEN_ID + 1:
         raise ValueError(f"vocab_size {vocab_size} does not fit uint16 shards")

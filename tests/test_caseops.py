@@ -330,7 +330,7 @@ def test_train_gpt_scores_a_caseops_dataset_on_its_original_bytes(tmp_path, tiny
     # a damaged sidecar stops the run before its first step, not after training
     sidecar = sorted((tmp_path / "data").glob("fineweb_val_bytes_*.bin"))[0]
     sidecar.write_bytes(sidecar.read_bytes()[:-2])
-    proc, log = run_train(dict(env, RUN_ID="damaged"), tmp_path, check=False)
+    proc, log = run_train(dict(env, RUN_ID="damaged", ARTIFACT_PATH=str(tmp_path / "damaged.pgart")), tmp_path, check=False)
     assert proc.returncode != 0 and sidecar.name in proc.stderr and "\nstep:" not in log.split("code_end")[-1], proc.stderr
 
 

@@ -150,10 +150,13 @@ def test_training_clock_states_export_against_the_cap_and_an_overrun_is_an_error
     total, cap = float(log_value(log, "train_total", "total_ms")), float(log_value(log, "train_total", "cap_ms"))
     assert cap == 6000 and total <= cap and not [ln for ln in log.splitlines() if ln.startswith("error:")]
     # no reserve: training uses the whole cap, so export time puts the clock over it
-    tiny_env.update(MAX_WALLCLOCK_SECONDS="2", GPTQ_RESERVE_SECONDS="0", RUN_ID="over")
-    _, log = run_train(tiny_env, tmp_path)
+    tiny_env.update(MAX_WALLCLOCK_SECONDS="2", GPTQ_RESERVE_SECONDS="0", RUN_ID="over", ARTIFACT_PATH=str(tmp_path / "over.pgart"))
+    proc, log = run_train(tiny_env, tmp_path, check=False)
     total = float(log_value(log, "train_total", "total_ms"))
     assert total > 2000 and float(log_value(log, "error: training_clock_over_cap", "total_ms")) == total
+    # an error: line means a failed run (issue 19: it exited 0); still scored, the error line is last
+    assert proc.returncode == 1 and "final_result" in log
+    assert log.splitlines()[-1].startswith("error: training_clock_over_cap")
 
 
 @pytest.mark.slow

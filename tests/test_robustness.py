@@ -50,6 +50,49 @@ def test_reused_run_id_is_refused_and_a_live_log_is_never_replaced(tmp_path):
     assert sorted(os.listdir(tmp_path / "logs")) == ["run.txt"]  # no temporary files left
 
 
+def test_artifact_path_is_locked_and_never_replaces_a_log_or_an_unasked_artifact(tmp_path):
+    """Issue 19: two live runs shared an artifact (one scored the other's model); an ARTIFACT_PATH
+    naming a log replaced it with the artifact; an earlier artifact was replaced without an opt-in."""
+    log = tmp_path / "logs" / "run.txt"
+    os.close(tg.open_run_log(str(log), overwrite=False))
+    log.write_text("code path:x\n")
+    with pytest.raises(tg.ConfigError, match="exists and is not an artifact; it is never overwritten"):
+        tg.lock_artifact_path(str(log), overwrite=True)
+    assert log.read_text() == "code path:x\n"
+    art = tmp_path / "m.pgart"
+    art.write_bytes(tg.ARTIFACT_MAGIC + b"earlier run")
+    with pytest.raises(tg.ConfigError, match="holds an earlier run's artifact; .*LOG_OVERWRITE=1"):
+        tg.lock_artifact_path(str(art), overwrite=False)
+    tg.lock_artifact_path(str(art), overwrite=True)  # held until this process ends
+    with pytest.raises(tg.ConfigError, match="m.pgart is being written by another running process"):
+        tg.lock_artifact_path(str(art), overwrite=True)
+
+
+@pytest.mark.slow
+def test_artifact_lock_holds_across_processes_and_an_ended_run_leaves_no_lock_file(tmp_path):
+    art = tmp_path / "m.pgart"
+    tg.lock_artifact_path(str(art), overwrite=False)  # held until this process ends
+    held = subprocess.run([sys.executable, "-c", "import train_gpt as tg, sys; tg.lock_artifact_path(sys.argv[1], True)",
+                           str(art)], cwd=ROOT, capture_output=True, text=True)
+    assert held.returncode != 0 and "being written by another running process" in held.stderr
+    fresh = tmp_path / "fresh.pgart"
+    subprocess.run([sys.executable, "-c", "import train_gpt as tg, sys; tg.lock_artifact_path(sys.argv[1], False)",
+                    str(fresh)], cwd=ROOT, check=True)
+    assert not (tmp_path / "fresh.pgart.lock").exists()  # an ended run leaves no lock file
+
+
+def compressing_pid(job):
+    return str(os.getpid()).encode()
+
+
+def test_compression_workers_live_in_the_run_so_they_die_with_it(monkeypatch):
+    """Issue 19/23: forked compression workers outlived a killed run, holding its log's lock, and
+    were forked from a parent running CUDA/NCCL threads. They are threads of the run now."""
+    monkeypatch.setattr(tg, "compress_chunk", compressing_pid)
+    out, fresh = tg.compress_chunks([bytes([i]) * 100 for i in range(4)], "zstd", 1, 4, {})
+    assert fresh == 4 and set(out) == {str(os.getpid()).encode()}
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full to simulate a full disk")
 def test_a_failed_log_write_warns_once_and_does_not_raise(capsys):
     fd = os.open("/dev/full", os.O_WRONLY)
@@ -167,6 +210,13 @@ def corrupt_header(path: Path):
      "fineweb_train_000001.bin: bad shard header magic"),
     (lambda d: (d / "fineweb_train_000002.bin").write_bytes(
         (d / "fineweb_val_000000.bin").read_bytes()[:-2]), "fineweb_train_000002.bin: file is"),
+    # issue 19: the loader waited forever on an empty train split; a bad id in a later shard was a traceback mid-run
+    (lambda d: ((d / "fineweb_train_000000.bin").unlink(), write_shard(d / "fineweb_train_000000.bin", [])),
+     "train shards under .* hold 0 tokens; one step needs TRAIN_BATCH_TOKENS \\+ 1 = 1025"),
+    (lambda d: write_shard(d / "fineweb_train_000001.bin", [1, 2, 600]), "fineweb_train_000001.bin: token id 600 >= VOCAB_SIZE=512"),
+    (lambda d: (d / tg.TOKENIZER_RECORD).write_text("{"), "tokenizer_record.json is malformed \\(JSONDecodeError"),
+    (lambda d: (d / tg.TOKENIZER_RECORD).write_text("{}"), "tokenizer_record.json is malformed \\(KeyError"),
+    (lambda d: (d / tg.TOKENIZER_RECORD).write_text("[1]"), "tokenizer_record.json is malformed \\(TypeError"),
 ])
 def test_bad_shards_are_found_before_training(tmp_path, damage, message):
     d = tiny_dir(tmp_path / "data")
@@ -174,6 +224,33 @@ def test_bad_shards_are_found_before_training(tmp_path, damage, message):
     args = make_args(DATA_PATH=str(d), ARTIFACT_PATH=str(tmp_path / "m.pgart"))
     with pytest.raises(tg.ConfigError, match=message):
         tg.check_inputs(args)
+
+
+def test_a_tokenizer_that_is_not_a_sentencepiece_model_is_one_line(tmp_path):
+    bad = tmp_path / "tok.model"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(tg.ConfigError, match="TOKENIZER_PATH=.*tok.model is not a SentencePiece model"):
+        tg.load_tokenizer(str(bad), 512)
+    with pytest.raises(ValueError, match="tok.model is not a SentencePiece model"):
+        convert_text.write_shards(["some text"], bad, tmp_path / "out", val_docs=1)
+
+
+def test_a_peer_rank_that_dies_is_one_error_line_not_a_gloo_traceback(monkeypatch, capsys):
+    def lost(args, rt):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:20904. "
+                           "This is typically caused by a remote worker crashing.")
+
+    monkeypatch.setattr(tg, "run", lost)
+    monkeypatch.setattr(tg, "setup_runtime", lambda args: None)
+    monkeypatch.setattr(tg.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(tg.os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        tg.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1
+    assert err[0].startswith("error: peer_lost rank:1 world_size:2 message:[gloo") and "Connection closed by peer" in err[0]
 
 
 def test_artifact_path_is_checked_before_training(tmp_path):
@@ -350,12 +427,12 @@ def test_out_of_range_ids_in_a_later_shard_stop_the_run_with_an_error_line(tmp_p
     d.mkdir()
     tokens = read_tokens(TINY / "fineweb_train_000000.bin")
     write_shard(d / "fineweb_train_000000.bin", tokens[:2000])
-    write_shard(d / "fineweb_train_000001.bin", np.r_[tokens[:100], 600])  # checked only when first loaded
+    write_shard(d / "fineweb_train_000001.bin", np.r_[tokens[:100], 600])  # read only after 2000 tokens of training
     write_shard(d / "fineweb_val_000000.bin", read_tokens(TINY / "fineweb_val_000000.bin")[:3001])
     proc, log = run_train(dict(tiny_env, DATA_PATH=str(d)), tmp_path, check=False)
-    assert proc.returncode != 0
-    assert log.splitlines()[-1].startswith("error: exception type:ValueError message:")
-    assert "fineweb_train_000001.bin: token id 600 >= VOCAB_SIZE=512" in log.splitlines()[-1]
+    assert proc.returncode == 1 and "step:" not in log.split("\ncode_end\n")[1]  # refused before training
+    assert log.splitlines()[-1] == f"error: {d / 'fineweb_train_000001.bin'}: token id 600 >= VOCAB_SIZE=512"
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow

@@ -131,6 +131,23 @@ def test_submission_refuses_repeated_seed_and_appended_runs(tmp_path):
     assert "holds 2 runs" in refusal([twice])
 
 
+def test_tools_refuse_one_model_scored_twice_and_zero_spread(tmp_path):
+    """Issue 19: two runs that shared an ARTIFACT_PATH logged one artifact sha and one score; the
+    tools took them as two seeds (std 0.0, t = inf, p = 0, PASS)."""
+    import hashlib
+    sha = hashlib.sha256(b"one model").hexdigest()
+    same = [edited_log(tmp_path, src, lambda t: re.sub(r"(\nartifact path:.*compressor:\w+)", rf"\1 sha256:{sha}", t),
+                       name=f"s{i}.txt") for i, src in enumerate(SEED_LOGS[:2])]
+    assert "the same artifact (sha256) appears in two logs" in refusal(same)
+    # seed 42's log with seed 1337's score (same tokens and bytes): one result twice
+    zero = [SEED_LOGS[0], edited_log(tmp_path, SEED_LOGS[1], lambda t: t.replace(
+        "val_loss:2.01342779 val_bpb:1.19246118", "val_loss:2.01183341 val_bpb:1.19151690"))]
+    assert "zero spread" in refusal(zero)
+    with pytest.raises(ValueError, match="zero spread"):
+        significance.gain_ttest([0.01, 0.01, 0.01])
+    assert significance.main([str(p) for p in zero] + ["--record-val-loss", "2.1"]) == 2
+
+
 def test_submission_cli_reports_reason_and_writes_nothing(tmp_path, capsys):
     cut = edited_log(tmp_path, SEED_LOGS[0], lambda t: t.replace("final_result", "final_resul"))
     out = tmp_path / "submission.json"

@@ -348,6 +348,15 @@ def check_consistent(runs):
     seeds = [r.seed for r in runs]
     if len(set(seeds)) != len(seeds):
         raise LogError(f"the same seed appears twice: {seeds}")
+    # Two logs of one model are one sample, not two: runs that shared an ARTIFACT_PATH score the same file.
+    hashes = [r.artifact["sha256"] for r in runs if "sha256" in r.artifact]
+    if len(set(hashes)) != len(hashes):
+        raise LogError(f"the same artifact (sha256) appears in two logs: {hashes} "
+                       "(two runs shared an ARTIFACT_PATH, or one model was scored twice)")
+    losses = {r.final["val_loss"] for r in runs}
+    if len(runs) > 1 and len(losses) == 1:
+        raise LogError(f"every seed scored val_loss {losses.pop()} exactly: zero spread is no sample of seeds "
+                       "(one model scored twice?)")
 
 
 def check_artifact(run, path=None):

@@ -58,12 +58,9 @@ def gain_ttest(gains, min_gain=MIN_GAIN, alpha=ALPHA):
     if n < 2:
         raise ValueError("need at least 2 seeds for a t-test")
     mean, std = mean_std(gains)
-    se = std / math.sqrt(n)
-    if se == 0:
-        # Identical gains: the sign of the excess decides with certainty.
-        t = math.copysign(math.inf, mean - min_gain) if mean != min_gain else 0.0
-    else:
-        t = (mean - min_gain) / se
+    if std == 0:  # t would be infinite: identical results are one model scored twice, not n seeds
+        raise ValueError(f"the {n} gains are identical ({gains[0]:+.8f} nats): zero spread is no sample of seeds")
+    t = (mean - min_gain) / (std / math.sqrt(n))
     p = t_sf(t, n - 1)
     return {"n": n, "mean_gain_nats": mean, "std_gain_nats": std, "t": t, "df": n - 1,
             "p_value": p, "min_gain_nats": min_gain, "alpha": alpha, "passed": p < alpha}
