@@ -1117,9 +1117,11 @@ class GPT(nn.Module):
         self.ve_proj = CastedLinear(args.ve_dim, kv_dim, zero_init=True) if args.ve_dim else None
         self.ve_layers = set(args.ve_layer_ids)
         self.blocks = nn.ModuleList([Block(args, i, backend) for i in range(L)])
-        self.n_enc = L // 2 if args.unet_skips else 0
-        self.skip_weights = nn.Parameter(torch.ones(self.n_enc, dim)) if self.n_enc else None
-        self.skip_gates = nn.Parameter(torch.zeros(self.n_enc, dim)) if self.n_enc else None
+        # One skip per encoder position of the longest layer order (the looped one): the plain
+        # order uses the first L // 2, so both orders train the same parameters from step 0.
+        n_skips = len(self.layer_order(looping=True)) // 2 if args.unet_skips else 0
+        self.skip_weights = nn.Parameter(torch.ones(n_skips, dim)) if n_skips else None
+        self.skip_gates = nn.Parameter(torch.zeros(n_skips, dim)) if n_skips else None
         self.lm_head = None if args.tie_embeddings else CastedLinear(dim, V, zero_init=True)
         self.head_lora: LoRA | None = None  # phased TTT's per-document output adapter
         self.looping = False
@@ -1127,9 +1129,9 @@ class GPT(nn.Module):
             if isinstance(m, CastedLinear):
                 nn.init.zeros_(m.weight) if m.zero_init else nn.init.orthogonal_(m.weight)
 
-    def layer_order(self) -> list[int]:
+    def layer_order(self, looping: bool | None = None) -> list[int]:
         a, L = self.args, self.args.num_layers
-        if not self.looping or a.num_loops <= 1:
+        if not (self.looping if looping is None else looping) or a.num_loops <= 1:
             return list(range(L))
         loop = list(range(a.loop_start, a.loop_end + 1))
         return list(range(a.loop_start)) + loop * a.num_loops + list(range(a.loop_end + 1, L))
@@ -1144,15 +1146,19 @@ class GPT(nn.Module):
         x0 = x
         doc_ids = torch.cumsum(ids == BOS_ID, dim=1) if self.args.doc_mask else None
         ve = self.ve_proj(self.ve_emb(ids)) if self.ve_emb is not None else None
-        skips = {}
-        for i in self.layer_order():
-            src = 2 * self.n_enc - 1 - i
-            if self.n_enc <= i and 0 <= src and src in skips:
-                k = i - self.n_enc
-                x = x + torch.sigmoid(self.skip_gates[k]).to(x.dtype) * self.skip_weights[k].to(x.dtype) * skips[src]
+        # U-Net over the layer order as run (looped or not): the first half are encoder positions,
+        # each pushing its output; decoder position k pops the latest and blends it in with its own
+        # weight and gate, so a looped layer gets a different skip on every visit.
+        order = self.layer_order()
+        n_enc = len(order) // 2 if self.skip_weights is not None else 0
+        skips = []
+        for pos, i in enumerate(order):
+            if pos >= n_enc and skips:
+                k = pos - n_enc
+                x = torch.lerp(self.skip_weights[k].to(x.dtype) * skips.pop(), x, torch.sigmoid(self.skip_gates[k]).to(x.dtype))
             x = self.blocks[i](x, x0, ve if i in self.ve_layers else None, doc_ids)
-            if i < self.n_enc:
-                skips[i] = x
+            if pos < n_enc:
+                skips.append(x)
         return rms_norm(x)
 
     def logits(self, h: Tensor) -> Tensor:

@@ -88,7 +88,7 @@ def switch_off(model, feature):
         for b in model.blocks:
             b.attn.gate = None
     elif feature == "unet_skips":
-        model.n_enc = 0
+        model.skip_weights = None
     elif feature == "doc_mask":
         model.args.doc_mask = False
     elif feature == "partial_rope":
