@@ -112,6 +112,7 @@ KNOBS = [
     K("LOOP_END", 5, int, "last looped layer (inclusive)", 0),
     K("ENABLE_LOOPING_AT", 0.35, float, "training progress at which depth recurrence turns on", 0.0),
     K("PARALLEL_RESIDUAL_START", 7, int, "attention and MLP read the same input from this layer (-1: off)", -1),
+    K("PARALLEL_RESIDUAL_LANES", 2, int, "1: one residual (GPT-J form); 2: from the first decoder position at such a layer on, attention reads lane 0, the MLP lane 1, lanes mixed by learned scalars, output their mean", 1),
     K("ATTN_OUT_GATE", 1, bool, "per-head sigmoid gate on the attention output"),
     K("ATTN_GATE_WIDTH", 12, int, "residual dims feeding the attention output gate", 1),
     K("DOC_MASK", 0, bool, "attend only within the current BOS-delimited document"),
@@ -228,7 +229,7 @@ MODEL_KNOBS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEA
                "MLP_LEAKY_SLOPE", "TIE_EMBEDDINGS", "ROPE_BASE", "ROPE_DIMS", "LOGIT_SOFTCAP", "XSA_LAST_N",
                "LN_SCALE", "SMEAR_GATE", "SMEAR_GATE_WIDTH", "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM", "VE_DIM",
                "VE_LAYERS", "UNET_SKIPS", "NUM_LOOPS", "LOOP_START", "LOOP_END", "PARALLEL_RESIDUAL_START",
-               "ATTN_OUT_GATE", "ATTN_GATE_WIDTH", "DOC_MASK", "TRAIN_SEQ_LEN", "EVAL_SEQ_LEN")
+               "PARALLEL_RESIDUAL_LANES", "ATTN_OUT_GATE", "ATTN_GATE_WIDTH", "DOC_MASK", "TRAIN_SEQ_LEN", "EVAL_SEQ_LEN")
 
 
 class ConfigError(ValueError):
@@ -370,6 +371,7 @@ class Hyperparameters:
         if self.num_loops > 1:
             need(self.loop_start <= self.loop_end < self.num_layers,
                  f"LOOP_START={self.loop_start}..LOOP_END={self.loop_end} must lie within the {self.num_layers} layers")
+        need(self.parallel_residual_lanes <= 2, f"PARALLEL_RESIDUAL_LANES={self.parallel_residual_lanes}: must be 1 or 2")
         need(self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE=1: need at least 2 buckets (one is reserved)")
         for name in ("ATTN_BITS", "MLP_BITS", "EMBED_BITS", "OTHER_BITS"):
             need(2 <= getattr(self, name.lower()) <= 8, f"{name}={getattr(self, name.lower())}: must be 2..8")
@@ -1110,13 +1112,26 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(dim), torch.zeros(dim)]))
         self.ln = 1 / math.sqrt(layer + 1) if args.ln_scale else 1.0
-        self.parallel = 0 <= args.parallel_residual_start <= layer
+        self.parallel = args.parallel_residual_lanes == 1 and 0 <= args.parallel_residual_start <= layer
 
-    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, doc_ids: Tensor | None) -> Tensor:
+    def attention(self, x: Tensor, x0: Tensor, ve: Tensor | None, doc_ids: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(attention input, its normed form, scaled attention output)."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         h = rms_norm(x) * self.ln
-        a = self.attn_scale.to(x.dtype) * self.attn(h, ve, doc_ids)
+        return x, h, self.attn_scale.to(x.dtype) * self.attn(h, ve, doc_ids)
+
+    def lanes(self, x: Tensor, lane1: Tensor, x0: Tensor, ve: Tensor | None, doc_ids: Tensor | None,
+              resid: Tensor, post: Tensor) -> tuple[Tensor, Tensor]:
+        """Two-lane parallel residual (1.0611 record): attention reads lane 0 (x, mixed with x0), the
+        MLP reads lane 1; lane j becomes resid[j] * lane j + post[0, j] * attn + post[1, j] * mlp."""
+        a = self.attention(x, x0, ve, doc_ids)[2]
+        m = self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(lane1) * self.ln)
+        r, p = resid.to(x.dtype), post.to(x.dtype)
+        return r[0] * x + p[0, 0] * a + p[1, 0] * m, r[1] * lane1 + p[0, 1] * a + p[1, 1] * m
+
+    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, doc_ids: Tensor | None) -> Tensor:
+        x, h, a = self.attention(x, x0, ve, doc_ids)
         if self.parallel:
             return x + a + self.mlp_scale.to(x.dtype) * self.mlp(h)
         x = x + a
@@ -1171,9 +1186,15 @@ class GPT(nn.Module):
         self.ve_proj = CastedLinear(args.ve_dim, kv_dim, zero_init=True) if args.ve_dim else None
         self.ve_layers = set(args.ve_layer_ids)
         self.blocks = nn.ModuleList([Block(args, i, backend) for i in range(L)])
-        self.n_enc = L // 2 if args.unet_skips else 0
-        self.skip_weights = nn.Parameter(torch.ones(self.n_enc, dim)) if self.n_enc else None
-        self.skip_gates = nn.Parameter(torch.zeros(self.n_enc, dim)) if self.n_enc else None
+        # One skip per encoder position of the longest layer order (the looped one): the plain
+        # order uses the first L // 2, so both orders train the same parameters from step 0.
+        n_skips = len(self.layer_order(looping=True)) // 2 if args.unet_skips else 0
+        self.skip_weights = nn.Parameter(torch.ones(n_skips, dim)) if n_skips else None
+        self.skip_gates = nn.Parameter(torch.zeros(n_skips, dim)) if n_skips else None
+        # two-lane residual: per layer, each lane's own weight (init 1.1) and [attn, mlp] -> lane weights
+        two_lane = args.parallel_residual_lanes == 2 and args.parallel_residual_start >= 0
+        self.lane_resid = nn.Parameter(torch.full((L, 2), 1.1)) if two_lane else None
+        self.lane_post = nn.Parameter(torch.ones(L, 2, 2)) if two_lane else None
         self.lm_head = None if args.tie_embeddings else CastedLinear(dim, V, zero_init=True)
         self.head_lora: LoRA | None = None  # phased TTT's per-document output adapter
         self.looping = False
@@ -1181,9 +1202,9 @@ class GPT(nn.Module):
             if isinstance(m, CastedLinear):
                 nn.init.zeros_(m.weight) if m.zero_init else nn.init.orthogonal_(m.weight)
 
-    def layer_order(self) -> list[int]:
+    def layer_order(self, looping: bool | None = None) -> list[int]:
         a, L = self.args, self.args.num_layers
-        if not self.looping or a.num_loops <= 1:
+        if not (self.looping if looping is None else looping) or a.num_loops <= 1:
             return list(range(L))
         loop = list(range(a.loop_start, a.loop_end + 1))
         return list(range(a.loop_start)) + loop * a.num_loops + list(range(a.loop_end + 1, L))
@@ -1198,16 +1219,29 @@ class GPT(nn.Module):
         x0 = x
         doc_ids = torch.cumsum(ids == BOS_ID, dim=1) if self.args.doc_mask else None
         ve = self.ve_proj(self.ve_emb(ids)) if self.ve_emb is not None else None
-        skips = {}
-        for i in self.layer_order():
-            src = 2 * self.n_enc - 1 - i
-            if self.n_enc <= i and 0 <= src and src in skips:
-                k = i - self.n_enc
-                x = x + torch.sigmoid(self.skip_gates[k]).to(x.dtype) * self.skip_weights[k].to(x.dtype) * skips[src]
-            x = self.blocks[i](x, x0, ve if i in self.ve_layers else None, doc_ids)
-            if i < self.n_enc:
-                skips[i] = x
-        return rms_norm(x)
+        # U-Net over the layer order as run (looped or not): the first half are encoder positions,
+        # each pushing its output; decoder position k pops the latest and blends it in with its own
+        # weight and gate, so a looped layer gets a different skip on every visit.
+        # Two lanes start at the first decoder position whose layer is >= PARALLEL_RESIDUAL_START
+        # (both equal to x there; skips then go into lane 0) and run to the end.
+        order = self.layer_order()
+        half = len(order) // 2
+        n_enc = half if self.skip_weights is not None else 0
+        skips, lane1 = [], None
+        for pos, i in enumerate(order):
+            if lane1 is None and self.lane_post is not None and pos >= half and i >= self.args.parallel_residual_start:
+                lane1 = x
+            if pos >= n_enc and skips:
+                k = pos - n_enc
+                x = torch.lerp(self.skip_weights[k].to(x.dtype) * skips.pop(), x, torch.sigmoid(self.skip_gates[k]).to(x.dtype))
+            ve_i = ve if i in self.ve_layers else None
+            if lane1 is None:
+                x = self.blocks[i](x, x0, ve_i, doc_ids)
+            else:
+                x, lane1 = self.blocks[i].lanes(x, lane1, x0, ve_i, doc_ids, self.lane_resid[i], self.lane_post[i])
+            if pos < n_enc:
+                skips.append(x)
+        return rms_norm(x if lane1 is None else (x + lane1) / 2)
 
     def logits(self, h: Tensor) -> Tensor:
         w = self.tok_emb.qweight() if self.lm_head is None else self.lm_head.qweight()

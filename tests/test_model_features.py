@@ -22,7 +22,8 @@ FEATURES = {
     "bigram_hash": dict(BIGRAM_VOCAB_SIZE=64, BIGRAM_DIM=8),
     "xsa": dict(XSA_LAST_N=2),
     "depth_recurrence": dict(NUM_LOOPS=3, LOOP_START=1, LOOP_END=2),
-    "parallel_residual": dict(PARALLEL_RESIDUAL_START=2),
+    "parallel_residual": dict(PARALLEL_RESIDUAL_START=2, PARALLEL_RESIDUAL_LANES=1),
+    "two_lane_residual": dict(PARALLEL_RESIDUAL_START=2, PARALLEL_RESIDUAL_LANES=2),
     "value_embeddings": dict(VE_DIM=8, VE_LAYERS="1,3"),
     "attn_out_gate": dict(ATTN_OUT_GATE=1, ATTN_GATE_WIDTH=8),
     "unet_skips": dict(UNET_SKIPS=1),
@@ -82,13 +83,15 @@ def switch_off(model, feature):
     elif feature == "parallel_residual":
         for b in model.blocks:
             b.parallel = False
+    elif feature == "two_lane_residual":
+        model.lane_post = None
     elif feature == "value_embeddings":
         model.ve_layers = set()
     elif feature == "attn_out_gate":
         for b in model.blocks:
             b.attn.gate = None
     elif feature == "unet_skips":
-        model.n_enc = 0
+        model.skip_weights = None
     elif feature == "doc_mask":
         model.args.doc_mask = False
     elif feature == "partial_rope":
@@ -361,7 +364,7 @@ def test_xsa_last_n_marks_exactly_the_last_n_blocks():
 
 def test_parallel_residual_start_makes_mlp_read_the_attention_input():
     for start in (-1, 0, 2):
-        model = build(PARALLEL_RESIDUAL_START=start)
+        model = build(PARALLEL_RESIDUAL_START=start, PARALLEL_RESIDUAL_LANES=1)
         parallel = [start >= 0 and i >= start for i in range(4)]
         assert [b.parallel for b in model.blocks] == parallel
         seen = attn_and_mlp_inputs(model, ids())
