@@ -754,9 +754,8 @@ class TrainLoader:
     def next_batch(self) -> list[tuple[Tensor, Tensor]]:
         """One optimizer step's micro-batches for this rank."""
         a, rt = self.args, self.rt
-        chunk = to_device(torch.from_numpy(self.stream.take(a.train_batch_tokens, rt.rank, rt.world_size).astype(np.int64)), rt.device)
-        x = chunk[:-1].view(-1, a.train_seq_len)
-        y = chunk[1:].view(-1, a.train_seq_len)
+        chunk = torch.from_numpy(self.stream.take(a.train_batch_tokens, rt.rank, rt.world_size).astype(np.int64))
+        x, y = to_device(torch.stack([chunk[:-1], chunk[1:]]), rt.device).view(2, -1, a.train_seq_len)  # one copy, aligned rows
         seqs = x.size(0) // self.grad_accum
         return [(x[i * seqs:(i + 1) * seqs], y[i * seqs:(i + 1) * seqs]) for i in range(self.grad_accum)]
 
