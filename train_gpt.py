@@ -808,7 +808,7 @@ def check_inputs(args: Hyperparameters) -> str:
         if sum(load_shard(path, args.vocab_size).size for path in shard_files(args.data_path, "val")) < 2:
             raise ValueError(f"validation shards under {args.data_path} hold fewer than 2 tokens")
         train = 0 if args.eval_only else sum(load_shard(path, args.vocab_size).size for path in shard_files(args.data_path, "train"))
-        if not args.eval_only and train <= args.train_batch_tokens:  # the loader would wait forever for tokens
+        if not args.eval_only and train <= args.train_batch_tokens:  # the loader would wait forever for a step
             raise ValueError(f"train shards under {args.data_path} hold {train} tokens; one step needs "
                              f"TRAIN_BATCH_TOKENS + 1 = {args.train_batch_tokens + 1}")
     except (OSError, ValueError) as e:
