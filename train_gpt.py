@@ -182,7 +182,7 @@ KNOBS = [
     K("EVAL_ONLY", "", str, "artifact to evaluate instead of training"),
     # evaluation
     K("EVAL_SEQ_LEN", 0, int, "evaluation window length (0: TRAIN_SEQ_LEN)", 0),
-    K("EVAL_STRIDE", 64, int, "stride of final_sliding's windows and of chunk TTT's scoring windows (0: no final_sliding; TTT then scores whole windows)", 0),
+    K("EVAL_STRIDE", 64, int, "stride of final_sliding's windows and of chunk TTT's scoring windows, at most EVAL_SEQ_LEN (0: no final_sliding; TTT then scores whole windows)", 0),
     K("EVAL_BATCH_SEQS", 32, int, "windows per evaluation forward per rank (capped by VAL_BATCH_SIZE)", 1),
     K("EVAL_MAX_SECONDS", 600.0, float, "time for everything after training; TTT stops adapting to stay inside", 0.0),
     K("TTT_ENABLED", 1, bool, "score-first test-time training (final_ttt)"),
