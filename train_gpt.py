@@ -183,7 +183,7 @@ KNOBS = [
     K("EVAL_ONLY", "", str, "artifact to evaluate instead of training"),
     # evaluation
     K("EVAL_SEQ_LEN", 0, int, "evaluation window length (0: TRAIN_SEQ_LEN)", 0),
-    K("EVAL_STRIDE", 64, int, "stride of final_sliding's windows and of chunk TTT's scoring windows (0: no final_sliding; TTT then scores whole windows)", 0),
+    K("EVAL_STRIDE", 64, int, "stride of final_sliding's windows and of chunk TTT's scoring windows, at most EVAL_SEQ_LEN (0: no final_sliding; TTT then scores whole windows)", 0),
     K("EVAL_BATCH_SEQS", 32, int, "windows per evaluation forward per rank (capped by VAL_BATCH_SIZE)", 1),
     K("EVAL_MAX_SECONDS", 600.0, float, "time for everything after training; TTT stops adapting to stay inside", 0.0),
     K("TTT_ENABLED", 1, bool, "score-first test-time training (final_ttt)"),
@@ -816,7 +816,7 @@ def check_inputs(args: Hyperparameters) -> str:
         if sum(load_shard(path, args.vocab_size).size for path in shard_files(args.data_path, "val")) < 2:
             raise ValueError(f"validation shards under {args.data_path} hold fewer than 2 tokens")
         train = 0 if args.eval_only else sum(load_shard(path, args.vocab_size).size for path in shard_files(args.data_path, "train"))
-        if not args.eval_only and train <= args.train_batch_tokens:  # the loader would wait forever for tokens
+        if not args.eval_only and train <= args.train_batch_tokens:  # the loader would wait forever for a step
             raise ValueError(f"train shards under {args.data_path} hold {train} tokens; one step needs "
                              f"TRAIN_BATCH_TOKENS + 1 = {args.train_batch_tokens + 1}")
     except (OSError, ValueError) as e:

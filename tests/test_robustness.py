@@ -395,6 +395,14 @@ def test_rerun_with_the_same_run_id_keeps_the_first_log_and_eval_only_gets_its_o
         "error: logs/tiny.txt exists: an earlier run used RUN_ID=tiny; choose another RUN_ID or set LOG_OVERWRITE=1 "
         "to replace that log"]
     assert (tmp_path / "logs" / "tiny.txt").read_bytes() == first
+    # issue 19: another run's ARTIFACT_PATH at this log replaced it; at this artifact, replaced it unasked
+    artifact = (tmp_path / "logs" / "tiny.pgart").read_bytes()
+    for run_id, path, message in (("other", "logs/tiny.txt", "exists and is not an artifact"),
+                                  ("other2", "logs/tiny.pgart", "holds an earlier run's artifact")):
+        proc, _ = run_train(dict(env, RUN_ID=run_id, ARTIFACT_PATH=path), tmp_path, check=False)
+        assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [f"error: ARTIFACT_PATH={path} {message}" + (
+            "; it is never overwritten" if run_id == "other" else "; choose another ARTIFACT_PATH or set LOG_OVERWRITE=1 to replace it")]
+    assert (tmp_path / "logs" / "tiny.txt").read_bytes() == first and (tmp_path / "logs" / "tiny.pgart").read_bytes() == artifact
     # EVAL_ONLY with nothing but the data and the artifact: shape, lengths and vocab come from it
     ev = {k: v for k, v in env.items() if k not in tg.MODEL_KNOBS and k != "RUN_ID"}
     proc = subprocess.run([sys.executable, str(SCRIPT)], cwd=tmp_path, env=dict(ev, EVAL_ONLY="logs/tiny.pgart"),

@@ -111,6 +111,13 @@ def test_pack_cli_writes_smaller_file_and_reports_bytes(tmp_path, capsys):
     assert capsys.readouterr().out == pack_code.minify(src.read_text())
 
 
+def test_pack_refuses_to_write_over_the_script_it_packs(tmp_path, capsys):
+    src = tmp_path / "train.py"
+    src.write_text(SAMPLE)
+    assert pack_code.main([str(src), "-o", str(src)]) == 2
+    assert src.read_text() == SAMPLE and "is the script being packed" in capsys.readouterr().err
+
+
 def test_unpack_refuses_a_file_it_did_not_write():
     with pytest.raises(ValueError, match="not a script written by pack_code.py"):
         pack_code.unpack(SAMPLE)

@@ -14,6 +14,8 @@ with open("launches.txt", "a") as f:
     f.write(run_id + "\n")
 if lr == "bad":
     sys.exit("ConfigError: LR='bad': expected a number")
+if os.path.exists(os.environ["ARTIFACT_PATH"]):  # like train_gpt.py without LOG_OVERWRITE=1
+    sys.exit("ConfigError: ARTIFACT_PATH holds an earlier run's artifact")
 bpb, model = 1.0 + abs(float(lr) - 2) / 10, int(900 * float(lr))
 loss = bpb * math.log(2) * 20 / 10  # val_bpb = val_loss / ln 2 * tokens / bytes, as tools/logparse.py checks
 total = 100 + model
@@ -70,6 +72,13 @@ def test_resumed_sweep_skips_finished_runs_and_retries_failed_ones(fake_train, t
     sweep.main(args)
     assert (tmp_path / "launches.txt").read_text().split() == ["r_LR-1", "r_LR-bad", "r_LR-bad"]
     assert "ok (done before)" in capsys.readouterr().out
+
+
+def test_a_retry_replaces_the_failed_attempts_artifact_in_its_own_folder(fake_train, tmp_path, capsys):
+    (tmp_path / "sweeps/a/LR-1").mkdir(parents=True)
+    (tmp_path / "sweeps/a/LR-1/model.pgart").write_bytes(b"attempt that died before its final_result")
+    assert sweep.main(["--run", "LR=1", "--script", str(fake_train), "--out", "sweeps/a"]) == 0
+    assert not (tmp_path / "sweeps/a/LR-1/model.pgart").exists()  # the fake writes none
 
 
 def test_over_budget_and_timeout_are_reported(fake_train, tmp_path, capsys):

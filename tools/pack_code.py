@@ -17,6 +17,7 @@ import ast
 import base64
 import bz2
 import hashlib
+import os
 import lzma
 import re
 import sys
@@ -106,6 +107,9 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = args.out or re.sub(r"(\.py)?$", "_packed.py", args.script, count=1)
+    if os.path.exists(out) and os.path.samefile(out, args.script):
+        print(f"error: -o {out} is the script being packed; it would be replaced", file=sys.stderr)
+        return 2
     with open(out, "w", encoding="utf-8", newline="\n") as f:
         f.write(packed)
     sizes = [len(s.encode("utf-8")) for s in (text, small, packed)]

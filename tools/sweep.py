@@ -79,6 +79,8 @@ def run_one(config, folder, run_id, args):
     env = dict(os.environ, **config, RUN_ID=run_id)
     if "ARTIFACT_PATH" not in config:  # keep each run's artifact with its log
         env["ARTIFACT_PATH"] = os.path.join(folder, "model.pgart")
+        if os.path.exists(env["ARTIFACT_PATH"]):
+            os.remove(env["ARTIFACT_PATH"])  # a failed attempt's; train_gpt.py refuses to replace it unasked
     train_log = os.path.join("logs", f"{run_id}.txt")
     if os.path.exists(train_log):
         os.remove(train_log)  # else a retry that dies before logging would show the old attempt's log
