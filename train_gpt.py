@@ -981,7 +981,7 @@ def select_attention_backend(requested: str, device: torch.device, autocast: boo
 
 
 @torch.library.custom_op("pg::fa4", mutates_args=())
-def fa4_attention(q: Tensor, k: Tensor, v: Tensor, cu: Tensor | None, max_len: int | None) -> tuple[Tensor, Tensor]:
+def fa4_attention(q: Tensor, k: Tensor, v: Tensor, cu: Tensor | None, max_len: int) -> tuple[Tensor, Tensor]:
     """(out, lse) of FlashAttention 4, an op of its own: flash_attn.cute's autograd.Function is
     opaque to torch.compile, which would break the graph at every call."""
     fa = sys.modules[FLASH_MODULES["fa4"]]
@@ -997,7 +997,7 @@ def _(q, k, v, cu, max_len):
 
 @torch.library.custom_op("pg::fa4_backward", mutates_args=())
 def fa4_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, cu: Tensor | None,
-                 max_len: int | None) -> tuple[Tensor, Tensor, Tensor]:
+                 max_len: int) -> tuple[Tensor, Tensor, Tensor]:
     fa = sys.modules[FLASH_MODULES["fa4"]]
     return tuple(fa._flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, causal=True, cu_seqlens_q=cu,
                                     cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len)[:3])
@@ -1055,7 +1055,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, backend: str, docs: Tensor | None) -
     if docs is not None:
         q, k, v = (t.reshape(B * T, t.size(2), D) for t in (q, k, v))
     if backend == "fa4":
-        return fa4_attention(q, k, v, docs, None if docs is None else T)[0].view(B, T, H, D)
+        return fa4_attention(q, k, v, docs, T)[0].view(B, T, H, D)
     fa = sys.modules[FLASH_MODULES[backend]]  # imported by select_attention_backend
     if docs is None:
         out = fa.flash_attn_func(q, k, v, causal=True)

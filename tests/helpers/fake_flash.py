@@ -19,7 +19,7 @@ silently skip what lies beyond). The CUDA device itself is not checked (these ru
 FA2/FA3 register their kernels as torch.library custom ops (flash_attn::_flash_attn_forward,
 flash_attn_3::_flash_attn_forward), so torch.compile keeps them in its graph; the fakes do the same
 (fake_flash::attention, with the shape checks also in its fake implementation, so that a compiled
-trace is checked too). `calls` counts the calls per (module, function).
+trace is checked too). `calls` counts the kernel calls per (module, function), at run time.
 """
 
 import collections
@@ -75,10 +75,10 @@ def check_values(q, cu, max_seqlen):
 def allowed(q, cu):
     """(B, T, T) causal mask, within each segment when varlen (then B = 1 over the flattened tokens)."""
     n = q.size(1) if cu is None else q.size(0)
-    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
     if cu is None:
         return causal.expand(q.size(0), n, n)
-    segment = torch.repeat_interleave(torch.arange(cu.numel() - 1), cu.diff().long())
+    segment = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu.diff().long())
     return (causal & (segment[:, None] == segment[None, :]))[None]
 
 
@@ -121,14 +121,17 @@ def lse_shape(q, cu):
 
 
 @torch.library.custom_op("fake_flash::attention", mutates_args=())
-def attention(q: Tensor, k: Tensor, v: Tensor, cu: Tensor | None, max_seqlen: int | None) -> tuple[Tensor, Tensor]:
+def attention(q: Tensor, k: Tensor, v: Tensor, cu: Tensor | None, max_seqlen: int | None, caller: str) -> tuple[Tensor, Tensor]:
+    """caller "module:function" is counted here, at run time: a counter bumped in traced code would
+    be a guard that changes on every call (a recompile each time)."""
+    calls[tuple(caller.split(":"))] += 1
     check_layout(q, k, v, cu, max_seqlen)
     check_values(q, cu, max_seqlen)
     return reference(q, k, v, cu), q.new_zeros(lse_shape(q, cu), dtype=torch.float32)
 
 
 @attention.register_fake
-def _(q, k, v, cu, max_seqlen):
+def _(q, k, v, cu, max_seqlen, caller):
     check_layout(q, k, v, cu, max_seqlen)
     return torch.empty_like(q), q.new_empty(lse_shape(q, cu), dtype=torch.float32)
 
@@ -149,13 +152,14 @@ def save(ctx, inputs, output):
 
 def grad(ctx, dout, dlse):
     q, k, v, cu = ctx.saved_tensors
-    return *attention_backward(q, k, v, dout, cu), None, None
+    return *attention_backward(q, k, v, dout, cu), None, None, None
 
 
 attention.register_autograd(grad, setup_context=save)
 
 
 def counted(module, name, fn):
+    """fn, counting its calls: only for what runs eagerly (FA4's kernels, called from a custom op)."""
     def wrapper(*args, **kwargs):
         calls[(module, name)] += 1
         return fn(*args, **kwargs)
@@ -168,7 +172,7 @@ def counted(module, name, fn):
 def fa2_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
              alibi_slopes=None, deterministic=False, return_attn_probs=False):
     need(causal and dropout_p == 0.0 and softmax_scale is None, "the fake supports causal, no dropout, default scale")
-    out, lse = attention(q, k, v, None, None)
+    out, lse = attention(q, k, v, None, None, "flash_attn:flash_attn_func")
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -177,7 +181,7 @@ def fa2_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
                     return_attn_probs=False, block_table=None):
     need(causal and dropout_p == 0.0 and softmax_scale is None, "the fake supports causal, no dropout, default scale")
     need(cu_seqlens_q is cu_seqlens_k and max_seqlen_q == max_seqlen_k, "the fake supports self-attention segments only")
-    out, lse = attention(q, k, v, cu_seqlens_q, max_seqlen_q)
+    out, lse = attention(q, k, v, cu_seqlens_q, max_seqlen_q, "flash_attn:flash_attn_varlen_func")
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -189,7 +193,7 @@ def fa3_module(version):
              window_size=(-1, -1), attention_chunk=0, softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False,
              sm_margin=0, return_attn_probs=False):
         need(causal and softmax_scale is None and qv is None, "the fake supports causal attention, default scale")
-        out, lse = attention(q, k, v, None, None)
+        out, lse = attention(q, k, v, None, None, "flash_attn_interface:flash_attn_func")
         return (out, lse) if return_attn_probs or version == "2024" else out
 
     def varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q=None, seqused_k=None,
@@ -198,7 +202,7 @@ def fa3_module(version):
                     deterministic=False, sm_margin=0, return_attn_probs=False):
         need(causal and softmax_scale is None and seqused_q is None, "the fake supports causal attention, default scale")
         need(cu_seqlens_q is cu_seqlens_k and max_seqlen_q == max_seqlen_k, "the fake supports self-attention segments only")
-        out, lse = attention(q, k, v, cu_seqlens_q, max_seqlen_q)
+        out, lse = attention(q, k, v, cu_seqlens_q, max_seqlen_q, "flash_attn_interface:flash_attn_varlen_func")
         return (out, lse) if return_attn_probs or version == "2024" else out
 
     return module("flash_attn_interface", flash_attn_func=func, flash_attn_varlen_func=varlen_func)
@@ -236,20 +240,20 @@ def fa4_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False, softcap=0
 
 def fa4_func(q, k, v, qv=None, gather_kv_indices=None, softmax_scale=None, causal=False, **unused):
     need(causal and qv is None and softmax_scale is None, "the fake supports causal attention, default scale")
-    return attention(q, k, v, None, None)
+    return attention(q, k, v, None, None, "flash_attn.cute.interface:flash_attn_func")
 
 
 def fa4_varlen_func(q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
                     causal=False, **unused):
     need(causal and qv is None, "the fake supports causal attention")
     need(cu_seqlens_q is cu_seqlens_k and max_seqlen_q == max_seqlen_k, "the fake supports self-attention segments only")
-    return attention(q, k, v, cu_seqlens_q, max_seqlen_q)
+    return attention(q, k, v, cu_seqlens_q, max_seqlen_q, "flash_attn.cute.interface:flash_attn_varlen_func")
 
 
 def module(name, **functions):
     mod = types.ModuleType(name)
     for fname, fn in functions.items():
-        setattr(mod, fname, counted(name, fname, fn))
+        setattr(mod, fname, fn)
     return mod
 
 
@@ -257,7 +261,8 @@ def install(monkeypatch, fa3_version="2025"):
     """Put fake flash_attn (FA2), flash_attn.cute(.interface) (FA4) and flash_attn_interface (FA3) into
     sys.modules for the test; returns the call counter (cleared)."""
     fa2 = module("flash_attn", flash_attn_func=fa2_func, flash_attn_varlen_func=fa2_varlen_func)
-    interface = module("flash_attn.cute.interface", _flash_attn_fwd=fa4_fwd, _flash_attn_bwd=fa4_bwd,
+    interface = module("flash_attn.cute.interface", _flash_attn_fwd=counted("flash_attn.cute.interface", "_flash_attn_fwd", fa4_fwd),
+                       _flash_attn_bwd=counted("flash_attn.cute.interface", "_flash_attn_bwd", fa4_bwd),
                        flash_attn_func=fa4_func, flash_attn_varlen_func=fa4_varlen_func)
     cute = module("flash_attn.cute", flash_attn_func=interface.flash_attn_func,
                   flash_attn_varlen_func=interface.flash_attn_varlen_func)
