@@ -97,11 +97,18 @@ def test_flash_backends_match_sdpa_with_and_without_documents(fakes, backend):
     x = torch.randint(2, 512, (2, 10), generator=torch.Generator().manual_seed(3))
     x[0, [0, 3, 7]] = tg.BOS_ID
     x[1, [1, 6]] = tg.BOS_ID  # row 1's first document has no BOS
+    weights = torch.randn(2, 10, 4, 16, generator=torch.Generator().manual_seed(4))
     for docs in (False, True):
-        out = tg.attend(q, k, v, backend, tg.document_segments(x, backend) if docs else None)
-        ref = tg.attend(*(t.float() for t in (q, k, v)), "sdpa", tg.document_segments(x, "sdpa") if docs else None)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref_leaves = [t.float().requires_grad_() for t in (q, k, v)]
+        out = tg.attend(*leaves, backend, tg.document_segments(x, backend) if docs else None)
+        ref = tg.attend(*ref_leaves, "sdpa", tg.document_segments(x, "sdpa") if docs else None)
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out.float(), ref, rtol=0, atol=2e-2)
+        grads = torch.autograd.grad((out.float() * weights).sum(), leaves)  # FA4: through train_gpt's custom op
+        for g, r in zip(grads, torch.autograd.grad((ref * weights).sum(), ref_leaves)):
+            assert g.dtype == torch.bfloat16
+            torch.testing.assert_close(g.float(), r, rtol=0, atol=5e-2)
 
 
 # --- the whole model through every backend ------------------------------------------------------------

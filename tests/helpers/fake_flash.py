@@ -238,16 +238,38 @@ def fa4_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False, softcap=0
     return reference_grads(q, k, v, dout, cu_seqlens_q)
 
 
+class FA4Function(torch.autograd.Function):
+    """FA4's public functions are a plain autograd.Function around the CuTe kernels, as here: under
+    torch.compile dynamo tries to trace into them (the real ones break the graph, these raise)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, max_seqlen):
+        seg = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
+        out, lse, _, _ = interface_module()._flash_attn_fwd(q, k, v, causal=True, return_lse=True, **seg)
+        ctx.save_for_backward(q, k, v, out, lse, cu)
+        ctx.seg = seg
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu = ctx.saved_tensors
+        return *interface_module()._flash_attn_bwd(q, k, v, out, dout, lse, causal=True, **ctx.seg), None, None
+
+
+def interface_module():
+    return sys.modules["flash_attn.cute.interface"]
+
+
 def fa4_func(q, k, v, qv=None, gather_kv_indices=None, softmax_scale=None, causal=False, **unused):
     need(causal and qv is None and softmax_scale is None, "the fake supports causal attention, default scale")
-    return attention(q, k, v, None, None, "flash_attn.cute.interface:flash_attn_func")
+    return FA4Function.apply(q, k, v, None, None)
 
 
 def fa4_varlen_func(q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
                     causal=False, **unused):
     need(causal and qv is None, "the fake supports causal attention")
     need(cu_seqlens_q is cu_seqlens_k and max_seqlen_q == max_seqlen_k, "the fake supports self-attention segments only")
-    return attention(q, k, v, cu_seqlens_q, max_seqlen_q, "flash_attn.cute.interface:flash_attn_varlen_func")
+    return FA4Function.apply(q, k, v, cu_seqlens_q, max_seqlen_q)
 
 
 def module(name, **functions):
