@@ -32,6 +32,7 @@ import torch
 
 import train_gpt as tg
 from conftest import SCRIPT, TINY_ENV, TINY, log_value
+from tests.helpers import fake_flash
 
 HELPER = Path(__file__).resolve().parent / "helpers" / "compile_backend.py"
 
@@ -155,9 +156,6 @@ def test_no_graph_is_compiled_after_training_starts(tmp_path, tiny_env):
 
 
 # --- in-process: whole graphs, no recompiles (issue 23) ----------------------------------------------
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
-import fake_flash  # noqa: E402
 
 GRAPH_KNOBS = dict(EVAL_SEQ_LEN=32, EVAL_STRIDE=16, EVAL_BATCH_SEQS=4, VAL_BATCH_SIZE=4 * 32, TTT_CHUNK_TOKENS=64,
                    TTT_BATCH_SEQS=2)

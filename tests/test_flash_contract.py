@@ -8,7 +8,6 @@ ATTN_BACKEND name, with and without DOC_MASK (FlashAttention varlen)."""
 import copy
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +17,7 @@ from conftest import make_args
 from test_export_eval import val_bytes
 from test_phased_ttt import stream
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
-import fake_flash  # noqa: E402
+from tests.helpers import fake_flash
 
 CUDA = torch.device("cuda")
 AUTOCAST_RT = tg.Runtime(0, 1, 0, torch.device("cpu"), True, False, None)  # bf16 autocast, as on CUDA
