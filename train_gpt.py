@@ -920,15 +920,18 @@ class Rotary(nn.Module):
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
 
 
-FLASH_MODULES = {"fa4": "flash_attn.cute.interface", "fa3": "flash_attn_interface", "fa2": "flash_attn"}
-FLASH_PACKAGES = {"fa4": "flash_attn.cute (pip flash-attn-4, CuTe DSL)", "fa3": "flash_attn_interface (FlashAttention 3)",
-                  "fa2": "flash_attn"}
+FLASH_PACKAGES = {"fa4": "flash_attn.cute.interface (pip flash-attn-4, CuTe DSL)", "fa3": "flash_attn_interface (FlashAttention 3)",
+                  "fa2": "flash_attn"}  # the module first
+
+
+def flash_module_name(backend: str) -> str:
+    return FLASH_PACKAGES[backend].split()[0]
 
 
 def load_flash_attention(backend: str):
     """The FlashAttention module for fa4/fa3/fa2, or None when it is not installed; one that is
     installed but fails to import (a broken CUDA-side install raises anything) is a ConfigError."""
-    name = FLASH_MODULES[backend]
+    name = flash_module_name(backend)
     try:
         return __import__(name, fromlist=["_"])
     except Exception as e:
@@ -984,7 +987,7 @@ def select_attention_backend(requested: str, device: torch.device, autocast: boo
 def fa4_attention(q: Tensor, k: Tensor, v: Tensor, cu: Tensor | None, max_len: int) -> tuple[Tensor, Tensor]:
     """(out, lse) of FlashAttention 4, an op of its own: flash_attn.cute's autograd.Function is
     opaque to torch.compile, which would break the graph at every call."""
-    fa = sys.modules[FLASH_MODULES["fa4"]]
+    fa = sys.modules[flash_module_name("fa4")]
     return tuple(fa._flash_attn_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
                                     max_seqlen_k=max_len, causal=True, return_lse=True)[:2])
 
@@ -998,7 +1001,7 @@ def _(q, k, v, cu, max_len):
 @torch.library.custom_op("pg::fa4_backward", mutates_args=())
 def fa4_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, cu: Tensor | None,
                  max_len: int) -> tuple[Tensor, Tensor, Tensor]:
-    fa = sys.modules[FLASH_MODULES["fa4"]]
+    fa = sys.modules[flash_module_name("fa4")]
     return tuple(fa._flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, causal=True, cu_seqlens_q=cu,
                                     cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len)[:3])
 
@@ -1056,7 +1059,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, backend: str, docs: Tensor | None) -
         q, k, v = (t.reshape(B * T, t.size(2), D) for t in (q, k, v))
     if backend == "fa4":
         return fa4_attention(q, k, v, docs, T)[0].view(B, T, H, D)
-    fa = sys.modules[FLASH_MODULES[backend]]  # imported by select_attention_backend
+    fa = sys.modules[flash_module_name(backend)]  # imported by select_attention_backend
     if docs is None:
         out = fa.flash_attn_func(q, k, v, causal=True)
     else:
