@@ -899,7 +899,10 @@ def load_validation(args: Hyperparameters, luts) -> tuple[Tensor, Tensor]:
 
 
 def rms_norm(x: Tensor) -> Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    """In x's own dtype (the kernel accumulates in fp32): CUDA autocast (torch >= 2.12) would return
+    fp32 for the bf16 q/k, which FlashAttention refuses, and cast around every norm (pytorch#188955)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.rms_norm(x, (x.size(-1),))
 
 
 class QuantWeight(nn.Module):
@@ -972,83 +975,151 @@ class Rotary(nn.Module):
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
 
 
-FLASH_PACKAGES = {"fa4": "flash_attn.cute (pip flash-attn-4, CuTe DSL)", "fa3": "flash_attn_interface (FlashAttention 3)",
-                  "fa2": "flash_attn"}
+FLASH_PACKAGES = {"fa4": "flash_attn.cute.interface (pip flash-attn-4, CuTe DSL)", "fa3": "flash_attn_interface (FlashAttention 3)",
+                  "fa2": "flash_attn"}  # the module first
+
+
+def flash_module_name(backend: str) -> str:
+    return FLASH_PACKAGES[backend].split()[0]
 
 
 def load_flash_attention(backend: str):
-    """The FlashAttention module for fa4/fa3/fa2, or None when it is not installed."""
+    """The FlashAttention module for fa4/fa3/fa2, or None when it is not installed; one that is
+    installed but fails to import (a broken CUDA-side install raises anything) is a ConfigError."""
+    name = flash_module_name(backend)
     try:
-        if backend == "fa4":
-            import flash_attn.cute as fa
-        elif backend == "fa3":
-            import flash_attn_interface as fa
-        else:
-            import flash_attn as fa
-        return fa
-    except ImportError:
-        return None
+        return __import__(name, fromlist=["_"])
+    except Exception as e:
+        if isinstance(e, ModuleNotFoundError) and f"{name}.".startswith(f"{e.name}."):  # not installed
+            return None
+        raise ConfigError(f"{FLASH_PACKAGES[backend]} is installed but fails to import: {type(e).__name__}: "
+                          f"{' '.join(str(e).split())}") from None
 
 
-def select_attention_backend(requested: str, device: torch.device) -> tuple[str, str]:
+def select_attention_backend(requested: str, device: torch.device, autocast: bool = True, doc_mask: bool = False,
+                             log=print) -> tuple[str, str]:
     """(backend, reason). auto: FA3 on Hopper, else FA4 on Hopper or newer, else FA2 on CUDA, else
-    SDPA; an explicit request that cannot be met is an error, never a silent downgrade."""
-    if requested == "sdpa":
-        return "sdpa", "requested"
+    SDPA, a broken install logged and skipped; an explicit request that cannot be met is an error,
+    never a silent downgrade. FlashAttention takes only bf16 (AUTOCAST); DOC_MASK on CUDA needs its
+    varlen kernel, since SDPA with a mask would take the O(T^2) fp32 math kernel."""
     on_cuda = device.type == "cuda"
     if requested in FLASH_PACKAGES:
-        if not on_cuda:
-            raise RuntimeError(f"ATTN_BACKEND={requested} needs a CUDA device")
+        if not on_cuda or not autocast:
+            raise ConfigError(f"ATTN_BACKEND={requested} needs a CUDA device and AUTOCAST bf16")
         if load_flash_attention(requested) is None:
-            raise RuntimeError(f"ATTN_BACKEND={requested} but {FLASH_PACKAGES[requested]} is not installed")
+            raise ConfigError(f"ATTN_BACKEND={requested} but {FLASH_PACKAGES[requested]} is not installed")
         return requested, "requested"
-    if not on_cuda:
-        return "sdpa", "no_cuda"
-    major = torch.cuda.get_device_capability(device)[0]
-    if major == 9 and load_flash_attention("fa3") is not None:
-        return "fa3", "auto_hopper"
-    if major >= 9 and load_flash_attention("fa4") is not None:
-        return "fa4", "auto_fa3_unavailable"
-    if load_flash_attention("fa2") is not None:
-        return "fa2", "auto_fa3_unavailable"
-    return "sdpa", "auto_flash_attn_not_installed"
+
+    def usable(backend: str) -> bool:
+        try:
+            return load_flash_attention(backend) is not None
+        except ConfigError as e:
+            log(f"warning: ATTN_BACKEND=auto skips {backend}: {e}")
+            return False
+
+    major = torch.cuda.get_device_capability(device)[0] if on_cuda else 0
+    if requested == "sdpa":
+        chosen = "sdpa", "requested"
+    elif not on_cuda:
+        chosen = "sdpa", "no_cuda"
+    elif not autocast:
+        chosen = "sdpa", "autocast_off"
+    elif major == 9 and usable("fa3"):
+        chosen = "fa3", "auto_hopper"
+    elif major >= 9 and usable("fa4"):
+        chosen = "fa4", "auto_fa3_unavailable"
+    elif usable("fa2"):
+        chosen = "fa2", "auto_fa3_unavailable"
+    else:
+        chosen = "sdpa", "auto_flash_attn_not_installed"
+    if doc_mask and on_cuda and chosen[0] == "sdpa":
+        raise ConfigError(f"DOC_MASK=1 on CUDA needs FlashAttention varlen, not SDPA ({chosen[1]}): "
+                          "SDPA with a document mask runs the O(T^2) fp32 math kernel")
+    return chosen
 
 
-@torch.compiler.disable
-def varlen_segments(doc_ids: Tensor) -> tuple[Tensor, int]:
-    """cu_seqlens of the documents in a flattened (B*T) batch; sequences also cut at batch rows."""
-    B, T = doc_ids.shape
-    new = torch.ones_like(doc_ids, dtype=torch.bool)
-    new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    starts = new.flatten().nonzero().flatten().to(torch.int32)
-    cu = torch.cat([starts, torch.tensor([B * T], device=doc_ids.device, dtype=torch.int32)])
-    return cu, T
+@torch.library.custom_op("pg::fa4", mutates_args=())
+def fa4_attention(q: Tensor, k: Tensor, v: Tensor, cu: Tensor | None, max_len: int) -> tuple[Tensor, Tensor]:
+    """(out, lse) of FlashAttention 4, an op of its own: flash_attn.cute's autograd.Function is
+    opaque to torch.compile, which would break the graph at every call."""
+    fa = sys.modules[flash_module_name("fa4")]
+    return tuple(fa._flash_attn_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
+                                    max_seqlen_k=max_len, causal=True, return_lse=True)[:2])
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, backend: str, doc_ids: Tensor | None) -> Tensor:
-    """Causal GQA attention; q (B,T,H,D), k/v (B,T,Hkv,D) -> (B,T,H,D). With doc_ids, tokens
-    attend only within their own document."""
+@fa4_attention.register_fake
+def _(q, k, v, cu, max_len):
+    lse_shape = (q.size(1), q.size(0)) if cu is not None else (q.size(0), q.size(2), q.size(1))
+    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("pg::fa4_backward", mutates_args=())
+def fa4_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, cu: Tensor | None,
+                 max_len: int) -> tuple[Tensor, Tensor, Tensor]:
+    fa = sys.modules[flash_module_name("fa4")]
+    return tuple(fa._flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, causal=True, cu_seqlens_q=cu,
+                                    cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len)[:3])
+
+
+@fa4_backward.register_fake
+def _(q, k, v, out, lse, dout, cu, max_len):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def fa4_save(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4], *output)
+    ctx.max_len = inputs[4]
+
+
+def fa4_grad(ctx, dout, dlse):
+    q, k, v, cu, out, lse = ctx.saved_tensors
+    return *fa4_backward(q, k, v, out, lse, dout, cu, ctx.max_len), None, None
+
+
+fa4_attention.register_autograd(fa4_grad, setup_context=fa4_save)
+
+
+@torch.library.custom_op("pg::document_starts", mutates_args=())
+def document_starts(ids: Tensor) -> Tensor:
+    """Flat (B*T) positions where a document or a batch row starts; its own op, so that torch.compile
+    keeps one graph around its data-dependent length (one host sync per forward on CUDA)."""
+    start = ids == BOS_ID
+    start[:, 0] = True
+    return start.flatten().nonzero().flatten().int()
+
+
+@document_starts.register_fake
+def _(ids):
+    return ids.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int32)
+
+
+def document_segments(ids: Tensor, backend: str) -> Tensor:
+    """What attention needs to keep every token inside its BOS-delimited document, computed once per
+    forward: SDPA's boolean mask (B, 1, T, T) (CPU only, see select_attention_backend), or the int32
+    cu_seqlens of FlashAttention varlen over the flattened batch."""
+    if backend != "sdpa":
+        return F.pad(document_starts(ids), (0, 1), value=ids.numel())
+    doc = torch.cumsum(ids == BOS_ID, dim=1)
+    return (doc[:, :, None] == doc[:, None, :]).tril()[:, None]
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, backend: str, docs: Tensor | None) -> Tensor:
+    """Causal GQA attention; q (B,T,H,D), k/v (B,T,Hkv,D), all one dtype -> (B,T,H,D). With docs
+    (document_segments), tokens attend only within their own document."""
     if backend == "sdpa":
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-        if doc_ids is None:
-            y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
-        else:
-            T = q.size(1)
-            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-            mask = causal[None] & (doc_ids[:, :, None] == doc_ids[:, None, :])
-            y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], enable_gqa=True)
-        return y.transpose(1, 2)
-    fa = load_flash_attention(backend)
-    if doc_ids is None:
+        return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=docs, is_causal=docs is None, enable_gqa=True).transpose(1, 2)
+    B, T, H, D = q.shape
+    if docs is not None:
+        q, k, v = (t.reshape(B * T, t.size(2), D) for t in (q, k, v))
+    if backend == "fa4":
+        return fa4_attention(q, k, v, docs, T)[0].view(B, T, H, D)
+    fa = sys.modules[flash_module_name(backend)]  # imported by select_attention_backend
+    if docs is None:
         out = fa.flash_attn_func(q, k, v, causal=True)
     else:
-        B, T, H, D = q.shape
-        cu, max_len = varlen_segments(doc_ids)
-        flat = lambda t: t.reshape(B * T, t.size(2), D)
-        out = fa.flash_attn_varlen_func(flat(q), flat(k), flat(v), cu_seqlens_q=cu, cu_seqlens_k=cu,
-                                        max_seqlen_q=max_len, max_seqlen_k=max_len, causal=True)
-        out = (out[0] if isinstance(out, tuple) else out).view(B, T, H, D)
-    return out[0] if isinstance(out, tuple) else out
+        out = fa.flash_attn_varlen_func(q, k, v, cu_seqlens_q=docs, cu_seqlens_k=docs, max_seqlen_q=T, max_seqlen_k=T, causal=True)
+    return (out[0] if isinstance(out, tuple) else out).view(B, T, H, D)  # FA3 before 2025 returns (out, lse)
 
 
 class Attention(nn.Module):
@@ -1065,16 +1136,16 @@ class Attention(nn.Module):
         self.xsa, self.backend = xsa, backend
         self.gate = nn.Parameter(torch.zeros(self.h, args.attn_gate_width)) if args.attn_out_gate else None
 
-    def forward(self, x: Tensor, ve: Tensor | None, doc_ids: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None, docs: Tensor | None) -> Tensor:
         B, T, dim = x.shape
         q = self.c_q(x).view(B, T, self.h, self.d)
         k = self.c_k(x).view(B, T, self.hkv, self.d)
         v = self.c_v(x).view(B, T, self.hkv, self.d)
         if ve is not None:
             v = v + ve.view(B, T, self.hkv, self.d)
-        q = self.rotary(rms_norm(q)) * self.q_gain.to(x.dtype)[:, None]
+        q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[:, None]  # q, k, v: one dtype, as FlashAttention needs
         k = self.rotary(rms_norm(k))
-        y = attend(q, k, v, self.backend, doc_ids)
+        y = attend(q, k, v, self.backend, docs)
         if self.xsa:
             # Exclusive self-attention: drop the component along the token's own value direction.
             # Query heads are grouped per KV head; broadcasting over the group avoids copying V.
@@ -1113,24 +1184,24 @@ class Block(nn.Module):
         self.ln = 1 / math.sqrt(layer + 1) if args.ln_scale else 1.0
         self.parallel = args.parallel_residual_lanes == 1 and 0 <= args.parallel_residual_start <= layer
 
-    def attention(self, x: Tensor, x0: Tensor, ve: Tensor | None, doc_ids: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def attention(self, x: Tensor, x0: Tensor, ve: Tensor | None, docs: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """(attention input, its normed form, scaled attention output)."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         h = rms_norm(x) * self.ln
-        return x, h, self.attn_scale.to(x.dtype) * self.attn(h, ve, doc_ids)
+        return x, h, self.attn_scale.to(x.dtype) * self.attn(h, ve, docs)
 
-    def lanes(self, x: Tensor, lane1: Tensor, x0: Tensor, ve: Tensor | None, doc_ids: Tensor | None,
+    def lanes(self, x: Tensor, lane1: Tensor, x0: Tensor, ve: Tensor | None, docs: Tensor | None,
               resid: Tensor, post: Tensor) -> tuple[Tensor, Tensor]:
         """Two-lane parallel residual (1.0611 record): attention reads lane 0 (x, mixed with x0), the
         MLP reads lane 1; lane j becomes resid[j] * lane j + post[0, j] * attn + post[1, j] * mlp."""
-        a = self.attention(x, x0, ve, doc_ids)[2]
+        a = self.attention(x, x0, ve, docs)[2]
         m = self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(lane1) * self.ln)
         r, p = resid.to(x.dtype), post.to(x.dtype)
         return r[0] * x + p[0, 0] * a + p[1, 0] * m, r[1] * lane1 + p[0, 1] * a + p[1, 1] * m
 
-    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, doc_ids: Tensor | None) -> Tensor:
-        x, h, a = self.attention(x, x0, ve, doc_ids)
+    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, docs: Tensor | None) -> Tensor:
+        x, h, a = self.attention(x, x0, ve, docs)
         if self.parallel:
             return x + a + self.mlp_scale.to(x.dtype) * self.mlp(h)
         x = x + a
@@ -1175,7 +1246,7 @@ class SmearGate(nn.Module):
 class GPT(nn.Module):
     def __init__(self, args: Hyperparameters, backend: str = "sdpa"):
         super().__init__()
-        self.args = args
+        self.args, self.backend = args, backend
         dim, L, V = args.model_dim, args.num_layers, args.vocab_size
         self.tok_emb = Embedding(V, dim, args.tied_embed_init_std)
         self.bigram = BigramHash(args.bigram_vocab_size, args.bigram_dim, dim) if args.bigram_vocab_size else None
@@ -1216,7 +1287,7 @@ class GPT(nn.Module):
         if self.smear is not None:
             x = self.smear(x, ids)
         x0 = x
-        doc_ids = torch.cumsum(ids == BOS_ID, dim=1) if self.args.doc_mask else None
+        docs = document_segments(ids, self.backend) if self.args.doc_mask else None
         ve = self.ve_proj(self.ve_emb(ids)) if self.ve_emb is not None else None
         # U-Net over the layer order as run (looped or not): the first half are encoder positions,
         # each pushing its output; decoder position k pops the latest and blends it in with its own
@@ -1235,9 +1306,9 @@ class GPT(nn.Module):
                 x = torch.lerp(self.skip_weights[k].to(x.dtype) * skips.pop(), x, torch.sigmoid(self.skip_gates[k]).to(x.dtype))
             ve_i = ve if i in self.ve_layers else None
             if lane1 is None:
-                x = self.blocks[i](x, x0, ve_i, doc_ids)
+                x = self.blocks[i](x, x0, ve_i, docs)
             else:
-                x, lane1 = self.blocks[i].lanes(x, lane1, x0, ve_i, doc_ids, self.lane_resid[i], self.lane_post[i])
+                x, lane1 = self.blocks[i].lanes(x, lane1, x0, ve_i, docs, self.lane_resid[i], self.lane_post[i])
             if pos < n_enc:
                 skips.append(x)
         return rms_norm(x if lane1 is None else (x + lane1) / 2)
@@ -2848,7 +2919,7 @@ def run(args: Hyperparameters, rt: Runtime):
     args.byte_accounting = byte_accounting(args, sp)
     luts = build_byte_luts(sp, args.vocab_size) if args.byte_accounting == "luts" else None
     rt.log(f"byte_accounting:{args.byte_accounting} tokenizer:{args.tokenizer_path}")
-    backend, reason = select_attention_backend(args.attn_backend, rt.device)
+    backend, reason = select_attention_backend(args.attn_backend, rt.device, rt.autocast, args.doc_mask, rt.log)
     rt.log(f"attention_backend:{backend} reason:{reason}")
     try:  # before the first step, so that a bad byte sidecar cannot cost a training run
         validation = load_validation(args, luts)  # (tokens, target bytes), loaded once

@@ -24,6 +24,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ import torch
 
 import train_gpt as tg
 from conftest import SCRIPT, TINY_ENV, TINY, log_value
+from tests.helpers import fake_flash
 
 HELPER = Path(__file__).resolve().parent / "helpers" / "compile_backend.py"
 
@@ -151,3 +153,76 @@ def test_no_graph_is_compiled_after_training_starts(tmp_path, tiny_env):
     assert all(int(ln.split("ms:")[1]) > 0 for ln in lines if ln.startswith("compile_warmup "))
     for label in ("step:4/8 val_loss", "step:8/8 val_loss", "final_prequant", "final_roundtrip", "final_sliding", "final_ttt"):
         assert any(ln.startswith(label) for ln in lines[clock:]), label
+
+
+# --- in-process: whole graphs, no recompiles (issue 23) ----------------------------------------------
+
+GRAPH_KNOBS = dict(EVAL_SEQ_LEN=32, EVAL_STRIDE=16, EVAL_BATCH_SEQS=4, VAL_BATCH_SIZE=4 * 32, TTT_CHUNK_TOKENS=64,
+                   TTT_BATCH_SEQS=2)
+
+
+@pytest.fixture
+def whole_graphs(monkeypatch):
+    """torch.compile as the run calls it, but fullgraph=True (a graph break is an error) through
+    aot_eager (dynamo's tracing and guards and AOT autograd's joint graph, no code generation);
+    returns the list of graphs dynamo hands over, one per compilation."""
+    from torch._dynamo.backends.debugging import aot_eager
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, **dict(kw, fullgraph=True, backend=counting)))
+    torch._dynamo.reset()
+    yield graphs
+    torch._dynamo.reset()
+
+
+def check_whole_graphs(graphs, backend, doc_mask):
+    """Training steps in both layer orders, evaluation and chunk TTT compile once each and never again:
+    graph counts per phase, then a second round that compiles nothing."""
+    args = tg.Hyperparameters(dict(TINY_ENV, **GRAPH_KNOBS, DATA_PATH=str(TINY), TOKENIZER_PATH=str(TINY / "tokenizer.model"),
+                                   DOC_MASK=str(doc_mask)))
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), True, True, None)  # bf16 autocast and compile, as on CUDA
+    torch.manual_seed(0)
+    model = tg.GPT(args, backend)
+    model_fn = torch.compile(model)
+    opts = tg.build_optimizers(model, args, rt)
+    tokens = torch.arange(6 * 64 + 1) % 500 + 2
+    tokens[::37] = tg.BOS_ID  # documents of 37 tokens: several per row
+    batch = [(tokens[:128].view(2, 64), tokens[1:129].view(2, 64))]
+    val = tokens[:200]
+    nbytes = torch.ones_like(val, dtype=torch.int32)
+    counts = []
+    for rounds in range(2):
+        for looping in (False, True):
+            model.looping = looping
+            for _ in range(2):
+                tg.train_step(model_fn, model, opts, batch, args, rt)
+                counts.append(len(graphs))
+        tg.evaluate(model, val, nbytes, args, rt, args.eval_stride)
+        counts.append(len(graphs))
+        tg.evaluate_ttt(model, val, nbytes, args, rt, time.perf_counter())
+        counts.append(len(graphs))
+    steps = [b - a for a, b in zip([0] + counts, counts)]
+    # first round: the training graph (looping off), nothing on step 2, the looped training graph,
+    # nothing on step 4, the evaluation graph, TTT's training graph; second round: nothing at all
+    assert steps == [1, 0, 1, 0, 1, 1] + [0] * 6, steps
+
+
+@pytest.mark.slow
+def test_training_evaluation_and_ttt_compile_whole_graphs_once(whole_graphs):
+    check_whole_graphs(whole_graphs, "sdpa", 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend, doc_mask", [("sdpa", 1), ("fa2", 0), ("fa2", 1), ("fa3", 0), ("fa3", 1), ("fa4", 0), ("fa4", 1)])
+def test_whole_graphs_through_the_flash_attention_fakes(whole_graphs, monkeypatch, backend, doc_mask):
+    """Also with the kernel-contract fakes (FA2/FA3 custom ops as the real ones register, FA4 through
+    train_gpt's custom op) under emulated CUDA autocast, and DOC_MASK's varlen segments."""
+    fake_flash.emulate_cuda_autocast_policy(monkeypatch)
+    calls = fake_flash.install(monkeypatch)
+    check_whole_graphs(whole_graphs, backend, doc_mask)
+    assert backend == "sdpa" or sum(calls.values()) > 0

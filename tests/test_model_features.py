@@ -171,11 +171,15 @@ def test_with_doc_mask_a_document_does_not_depend_on_the_one_before_it():
     assert (a[:, DOC2:] - b[:, DOC2:]).abs().amax(dim=(0, 2)).min() > 1e-3  # every position of doc 2 sees doc 1
 
 
-def test_doc_mask_ids_follow_bos_tokens():
+def test_doc_mask_segments_follow_bos_tokens():
+    """One SDPA mask (or one cu_seqlens for FlashAttention) per forward, the same in every layer."""
     model = build(["doc_mask"])
     calls, _ = capture_attention(model, ids())
-    expected = torch.tensor([1] * DOC2 + [2] * (T - DOC2)).expand(2, T)
-    assert len(calls) == 4 and all(torch.equal(c[4], expected) for c in calls)
+    doc = torch.tensor([1] * DOC2 + [2] * (T - DOC2))
+    expected = ((doc[:, None] == doc[None, :]) & torch.ones(T, T, dtype=torch.bool).tril()).expand(2, 1, T, T)
+    assert len(calls) == 4 and all(c[4] is calls[0][4] for c in calls) and torch.equal(calls[0][4], expected)
+    cu = tg.document_segments(ids(), "fa3")
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, DOC2, T, T + DOC2, 2 * T]  # documents, also cut at rows
 
 
 # --- attention ----------------------------------------------------------------------------------
@@ -206,7 +210,7 @@ def test_sdpa_attention_equals_naive_reference_with_and_without_doc_ids():
     x[0, [0, 7, 8]] = tg.BOS_ID
     x[1, [3, 15]] = tg.BOS_ID  # first document has no BOS
     doc_ids = torch.cumsum(x == tg.BOS_ID, dim=1)
-    masked = tg.attend(q, k, v, "sdpa", doc_ids)
+    masked = tg.attend(q, k, v, "sdpa", tg.document_segments(x, "sdpa"))
     torch.testing.assert_close(masked, naive_attention(q, k, v, doc_ids), rtol=0, atol=1e-5)
     assert (masked[0, 7:] - naive_attention(q, k, v)[0, 7:]).abs().max() > 1e-2  # the mask matters
 
@@ -420,7 +424,7 @@ def test_attention_backend_on_cpu():
     assert tg.select_attention_backend("auto", cpu) == ("sdpa", "no_cuda")
     assert tg.select_attention_backend("sdpa", cpu) == ("sdpa", "requested")
     for name in ("fa3", "fa2"):
-        with pytest.raises(RuntimeError, match=f"ATTN_BACKEND={name} needs a CUDA device"):
+        with pytest.raises(tg.ConfigError, match=f"ATTN_BACKEND={name} needs a CUDA device"):
             tg.select_attention_backend(name, cpu)
 
 
