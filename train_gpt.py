@@ -172,6 +172,8 @@ KNOBS = [
     K("GPTQ_CALIBRATION_BATCHES", 16, int, "calibration micro-batches in all, split across ranks (train: of the global batch; selfgen: generated)", 1),
     K("LQER_RANK", 4, int, "rank of the low-rank quantization-error correction (0: off)", 0),
     K("LQER_TOP_K", 3, int, "tensors with the largest error that get LQER", 0),
+    K("AWQ_LITE_GROUPS", 1, int, "AWQ-lite: the N most salient column groups (input RMS x mean |w|; one per matrix at most) kept at 8 bits in GPTQ", 0),
+    K("AWQ_LITE_GROUP_SIZE", 64, int, "columns per AWQ-lite group", 1),
     K("PACK_BITS", 0, bool, "bit-pack quantized values densely (smaller raw, but generic compressors do worse)"),
     K("COMPRESSOR", "brotli", ("zstd", "brotli", "lzma", "auto"), "artifact compressor (auto: smallest of all)"),
     K("COMPRESSION_LEVEL", -1, int, "compressor level (-1: brotli 10, zstd 22, lzma 9)", -1),
@@ -1637,29 +1639,33 @@ def fake_quantize(w: Tensor, bits: int, clip_sigmas: float, clip_search: bool, a
     return w + alpha.to(w.dtype) * (dq.to(w.dtype) - w.detach())
 
 
-def gptq_quantize(w: Tensor, H: Tensor, scale: Tensor, bits: int, damp: float, block: int) -> Tensor:
+def gptq_quantize(w: Tensor, H: Tensor, scale: Tensor, bits: int, damp: float, block: int, awq=None) -> Tensor:
     """GPTQ with act-order: quantize columns in order of decreasing Hessian diagonal, pushing each
-    column's rounding error onto the not-yet-quantized columns through the Cholesky factor of H^-1."""
+    column's rounding error onto the not-yet-quantized columns through the Cholesky factor of H^-1.
+    awq = (start, end, scale): those columns take 8-bit values on their own row scales."""
     W = w.float().clone()
     H = H.float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    S = scale.expand_as(W).clone()  # each column's row steps and value limit
+    qmax = torch.full((W.size(1),), 2 ** (bits - 1) - 1, device=W.device)
+    if awq:
+        S[:, awq[0]:awq[1]], qmax[awq[0]:awq[1]] = awq[2], 127
     perm = torch.argsort(torch.diag(H), descending=True)
-    W, H = W[:, perm], H[perm][:, perm]
+    W, H, S, qmax = W[:, perm], H[perm][:, perm], S[:, perm], qmax[perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(H.size(0), device=H.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    qmax = 2 ** (bits - 1) - 1
     Q = torch.zeros_like(W)
     for i1 in range(0, W.size(1), block):
         i2 = min(i1 + block, W.size(1))
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            col = W1[:, i]
-            q = torch.clamp(torch.round(col / scale[:, 0]), -qmax, qmax)
+            col, s, m = W1[:, i], S[:, i1 + i], qmax[i1 + i]
+            q = torch.minimum(torch.maximum(torch.round(col / s), -m), m)
             Q[:, i1 + i] = q
-            err = (col - q * scale[:, 0]) / Hinv1[i, i]
+            err = (col - q * s) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err[:, i] = err
         W[:, i2:] -= Err @ Hinv[i1:i2, i2:]
@@ -1727,9 +1733,13 @@ class QTensor:
     scale: Tensor        # fp32 per-row step on the SCALE_STEPS grid
     bits: int
     lqer: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # int4 A, fp16 per-column A scales, int4 B, fp16 per-row B scales
+    awq: tuple[int, int, Tensor] | None = None  # AWQ-lite columns [start, end): int8 values in q, their own row scales
 
     def dequantize(self) -> Tensor:
         w = self.q.float() * self.scale.float()
+        if self.awq is not None:
+            a, b, s = self.awq
+            w[:, a:b] = self.q[:, a:b].float() * s.float()
         if self.lqer is not None:
             qa, sa, qb, sb = self.lqer
             w = w + (qa.float() * sa.float()) @ (qb.float() * sb.float())
@@ -1745,16 +1755,38 @@ def quantize_lqer_factor(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     return torch.clamp(torch.round(x / s.float()), -LQER_QMAX, LQER_QMAX).to(torch.int8), s
 
 
-def quantize_tensor(w: Tensor, H: Tensor | None, bits: int, clip: float, args: Hyperparameters) -> tuple[QTensor, float]:
-    """GPTQ (or round-to-nearest) of one matrix, with its Hessian-weighted squared error."""
+def quantize_tensor(w: Tensor, H: Tensor | None, bits: int, clip: float, args: Hyperparameters,
+                    awq_start: int | None = None) -> tuple[QTensor, float]:
+    """GPTQ (or round-to-nearest) of one matrix, with its Hessian-weighted squared error; the
+    AWQ-lite group from awq_start, if any, at 8 bits (same SDClip k, its own row scales)."""
     scale = row_scales(w, bits, clip, args.clip_search)
+    awq = None if awq_start is None else (awq_start, awq_start + args.awq_lite_group_size,
+                                           row_scales(w, 8, clip, False))
     if args.quant == "gptq" and H is not None:
-        q = gptq_quantize(w, H.to(w.device), scale, bits, args.gptq_damp, args.gptq_block_size)
+        q = gptq_quantize(w, H.to(w.device), scale, bits, args.gptq_damp, args.gptq_block_size, awq)
     else:
         q = quantize_rtn(w, scale, bits)
-    E = w - q * scale
+        if awq:
+            q[:, awq[0]:awq[1]] = quantize_rtn(w[:, awq[0]:awq[1]], awq[2], 8)
+    qt = QTensor(q.to(torch.int8).cpu(), scale.cpu(), bits, awq=awq and (awq[0], awq[1], awq[2].cpu()))
+    E = w - qt.dequantize().to(w.device)
     err = float((E @ H.to(w.device) * E).sum()) if H is not None else float(E.square().sum())
-    return QTensor(q.to(torch.int8).cpu(), scale.cpu(), bits), err
+    return qt, err
+
+
+def awq_lite_groups(state: dict, specs: dict, hessians: dict, args: Hyperparameters) -> dict[str, int]:
+    """{state key: first column} of the AWQ_LITE_GROUPS most salient column groups, at most one per
+    matrix below 8 bits. A column's salience is its input RMS (from the Hessian diagonal, summed over
+    a looped layer's passes as its error is) times its mean |w|; a group's is the sum of its columns'."""
+    g, cands = args.awq_lite_group_size, []
+    for key, (name, (bits, _)) in specs.items():
+        w, H = state[key], hessians.get(name)
+        if H is None or bits >= 8 or w.size(1) < g:
+            continue
+        sal = torch.diag(H).float().clamp_min(0).sqrt().cpu() * w.detach().float().abs().mean(0).cpu()
+        score, i = sal[:w.size(1) // g * g].view(-1, g).sum(1).max(0)
+        cands.append((float(score), key, int(i) * g))
+    return {key: start for _, key, start in sorted(cands, reverse=True)[:args.awq_lite_groups]}
 
 
 def lqer_factors(w: Tensor, qt: QTensor, rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -1775,20 +1807,22 @@ def quantize_model(model: GPT, args: Hyperparameters, hessians: dict[str, Tensor
         if spec:
             specs[name + ".weight"] = (name, spec)
     out, errors, state = {}, {}, model.state_dict()
+    groups = awq_lite_groups(state, specs, hessians, args)
     for key, t in state.items():
         if key not in specs:
             out[key] = t.detach().to(torch.float16 if t.is_floating_point() else t.dtype).cpu()
             continue
         name, (bits, clip) = specs[key]
-        if (key, bits) not in cache:
-            cache[key, bits] = quantize_tensor(t.detach().float(), hessians.get(name), bits, clip, args)
-        out[key], errors[key] = cache[key, bits]
+        work = (key, bits, groups.get(key))
+        if work not in cache:
+            cache[work] = quantize_tensor(t.detach().float(), hessians.get(name), bits, clip, args, groups.get(key))
+        out[key], errors[key] = cache[work]
     if args.lqer_rank > 0:
         for key in sorted(errors, key=errors.get, reverse=True)[:args.lqer_top_k]:
-            bits = out[key].bits
-            if (key, bits, "lqer") not in cache:
-                cache[key, bits, "lqer"] = lqer_factors(state[key].detach().float().cpu(), out[key], args.lqer_rank)
-            out[key] = replace(out[key], lqer=cache[key, bits, "lqer"])
+            work = (key, out[key].bits, groups.get(key), "lqer")
+            if work not in cache:
+                cache[work] = lqer_factors(state[key].detach().float().cpu(), out[key], args.lqer_rank)
+            out[key] = replace(out[key], lqer=cache[work])
     return out, errors
 
 
@@ -1814,7 +1848,7 @@ def estimate_quantized_bits(bits: int, clip_sigmas: float) -> float:
 def estimate_artifact_bytes(model: GPT, args: Hyperparameters, code_bytes: int) -> int:
     """Pre-flight size estimate: code + coded quantized values + row scale codes + LQER factors (placed
     on the largest matrices, since the error ranking is not known yet) + fp16 small tensors + tables."""
-    values, scales, quantized, sides = 0.0, 0, set(), []
+    values, scales, quantized, sides, awq = 0.0, 0, set(), [], []
     for name, m in quantizable_modules(model):
         spec = quant_spec(name, m.weight.numel(), args)
         if spec:
@@ -1822,6 +1856,11 @@ def estimate_artifact_bytes(model: GPT, args: Hyperparameters, code_bytes: int) 
             scales += SCALE_CODE_BYTES * m.weight.size(0)
             sides.append(sum(m.weight.shape))
             quantized.add(id(m.weight))
+            if spec[0] < 8 and m.weight.size(1) >= args.awq_lite_group_size:  # its group's extra bytes
+                extra_bits = args.awq_lite_group_size * (estimate_quantized_bits(8, spec[1]) - estimate_quantized_bits(*spec))
+                awq.append(m.weight.size(0) * (extra_bits / 8 + SCALE_CODE_BYTES))
+    # AWQ-lite groups go where salience puts them, not known before training: the mean matrix's each
+    values += sum(awq) / len(awq) * min(args.awq_lite_groups, len(awq)) if awq and args.quant == "gptq" else 0
     lqer = sum(sorted(sides)[-args.lqer_top_k:]) * args.lqer_rank * LQER_FACTOR_BYTES if args.lqer_rank and sides else 0
     floats = sum(2 * p.numel() for p in model.parameters() if id(p) not in quantized)
     tables = TENSOR_TABLE_BYTES * len(model.state_dict()) + artifact_file_bytes(args.compressor, b"\0" * 4)
@@ -1891,10 +1930,11 @@ def resolve_gptq_reserve(model: GPT, args: Hyperparameters, rt: Runtime):
     rt.log(f"gptq_reserve seconds:{args.gptq_reserve_seconds} source:auto " + " ".join(f"{k}_s:{v:.2f}" for k, v in pred.items()))
 
 
-def bits_to_lower(model: GPT, args: Hyperparameters, errors: dict, override: dict, excess: int) -> list[tuple[str, int, int]]:
+def bits_to_lower(model: GPT, args: Hyperparameters, qstate: dict, errors: dict, override: dict, excess: int) -> list[tuple[str, int, int]]:
     """Tensors whose precision costs least to lower by one bit (Hessian-weighted error added per
-    estimated byte saved), until the estimated saving covers the excess. Matrices kept in fp16 go
-    to 8 bits first: near-lossless, and the only way under the budget for models of small matrices."""
+    estimated byte saved, an AWQ-lite group staying at 8 bits), until the estimated saving covers the
+    excess. Matrices kept in fp16 go to 8 bits first: near-lossless, and the only way under the
+    budget for models of small matrices."""
     cands = []
     for name, m in quantizable_modules(model):
         spec = quant_spec(name, m.weight.numel(), args, override)
@@ -1905,7 +1945,9 @@ def bits_to_lower(model: GPT, args: Hyperparameters, errors: dict, override: dic
                 cands.append((0.0, name, 16, 8, saved))
         elif spec[0] > 2:
             bits, clip = spec
-            saved = m.weight.numel() * (estimate_quantized_bits(bits, clip) - estimate_quantized_bits(bits - 1, clip)) / 8
+            awq = qstate[name + ".weight"].awq
+            lowered = m.weight.numel() - (awq[1] - awq[0]) * m.weight.size(0) if awq else m.weight.numel()
+            saved = lowered * (estimate_quantized_bits(bits, clip) - estimate_quantized_bits(bits - 1, clip)) / 8
             # rounding error variance grows ~4x per bit removed
             cands.append((3 * errors[name + ".weight"] / max(saved, 1.0), name, bits, bits - 1, saved))
     chosen, total = [], 0.0
@@ -1925,17 +1967,18 @@ def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime, hessians: di
     override, qcache, ccache = {}, {}, {}
     meta = dict(config=args.model_config(), looping=model.looping, byte_accounting=args.byte_accounting)
     while True:
-        t0, done = time.perf_counter(), sum(len(k) == 2 for k in qcache)
+        t0, done = time.perf_counter(), sum(len(k) == 3 for k in qcache)
         qstate, errors = quantize_model(model, args, hessians, override, qcache)
-        rt.log(f"quantize method:{args.quant} tensors:{len(errors)} new:{sum(len(k) == 2 for k in qcache) - done} "
-               f"lqer:{min(args.lqer_top_k, len(errors)) if args.lqer_rank else 0} seconds:{time.perf_counter() - t0:.2f}")
+        rt.log(f"quantize method:{args.quant} tensors:{len(errors)} new:{sum(len(k) == 3 for k in qcache) - done} "
+               f"lqer:{min(args.lqer_top_k, len(errors)) if args.lqer_rank else 0} "
+               f"awq_lite:{sum(isinstance(v, QTensor) and v.awq is not None for v in qstate.values())} seconds:{time.perf_counter() - t0:.2f}")
         bits = {k: v.bits for k, v in qstate.items() if isinstance(v, QTensor)}
         chunks = serialize_chunks(qstate, dict(meta, bits=bits), args.pack_bits)
         comp, data = compress_payload(chunks, args, rt, ccache)
         total = code_bytes + artifact_file_bytes(comp, data)
         if total <= args.artifact_budget:
             break
-        lower = bits_to_lower(model, args, errors, override, total - args.artifact_budget)
+        lower = bits_to_lower(model, args, qstate, errors, override, total - args.artifact_budget)
         if not lower:  # every matrix at 2 bits: write it; the run then fails as over budget
             rt.log(f"error: artifact_budget_unreachable limit:{args.artifact_budget} smallest_reachable:{total}")
             break
@@ -2026,13 +2069,20 @@ def tensor_record(name: str, t, pack: bool, base: int) -> tuple[dict, bytes]:
         size += len(data)
         return [base + size - len(data), len(data)]
 
+    def put_scales(s: Tensor) -> tuple[int, list[int]]:
+        codes = torch.round(SCALE_STEPS * torch.log2(s.float())).to(torch.int32)
+        return int(codes.min()), put((codes - codes.min()).to(torch.uint8).numpy().tobytes())
+
     if isinstance(t, QTensor):
         qmax = 2 ** (t.bits - 1) - 1
-        vals = (t.q.numpy().astype(np.int16) + qmax).reshape(-1)
-        codes = torch.round(SCALE_STEPS * torch.log2(t.scale.float())).to(torch.int32)
+        a, b = t.awq[:2] if t.awq else (0, 0)
+        vals = (torch.cat([t.q[:, :a], t.q[:, b:]], 1).numpy().astype(np.int16) + qmax).reshape(-1)
         entry = dict(name=name, kind="q", shape=list(t.q.shape), bits=t.bits, packed=pack,
-                     q=put(pack_bits(vals, t.bits) if pack else vals.astype(np.uint8).tobytes()),
-                     scale_base=int(codes.min()), scale=put((codes - codes.min()).to(torch.uint8).numpy().tobytes()))
+                     q=put(pack_bits(vals, t.bits) if pack else vals.astype(np.uint8).tobytes()))
+        entry["scale_base"], entry["scale"] = put_scales(t.scale)
+        if t.awq is not None:  # the group's columns: u8 values offset by 127, their own scale codes
+            entry["awq"] = dict(start=a, end=b, q=put((t.q[:, a:b].numpy().astype(np.int16) + 127).astype(np.uint8).tobytes()))
+            entry["awq"]["scale_base"], entry["awq"]["scale"] = put_scales(t.awq[2])
         if t.lqer is not None:
             qa, sa, qb, sb = t.lqer
             entry["lqer"] = dict(rank=qa.size(1), a=put(qa.numpy().tobytes()), sa=put(shuffle_fp16(sa)),
@@ -2081,12 +2131,17 @@ def deserialize_state(payload: bytes) -> tuple[dict, dict]:
     for e in meta.pop("tensors"):
         shape = e["shape"]
         if e["kind"] == "q":
-            numel, qmax = math.prod(shape), 2 ** (e["bits"] - 1) - 1
-            raw = get(e["q"])
+            scales = lambda d: torch.exp2((torch.frombuffer(bytearray(get(d["scale"])), dtype=torch.uint8).float()
+                                           + d["scale_base"]) / SCALE_STEPS).view(shape[0], 1)
+            aw = e.get("awq", dict(start=0, end=0))
+            a, b, qmax = aw["start"], aw["end"], 2 ** (e["bits"] - 1) - 1
+            numel, raw = shape[0] * (shape[1] - b + a), get(e["q"])
             vals = unpack_bits(raw, e["bits"], numel) if e["packed"] else np.frombuffer(raw, dtype=np.uint8)
-            q = torch.from_numpy(vals.astype(np.int16) - qmax).to(torch.int8).view(shape)
-            codes = torch.frombuffer(bytearray(get(e["scale"])), dtype=torch.uint8).float() + e["scale_base"]
-            t = QTensor(q, torch.exp2(codes / SCALE_STEPS).view(shape[0], 1), e["bits"])
+            q = torch.from_numpy(vals.astype(np.int16) - qmax).to(torch.int8).view(shape[0], -1)
+            t = QTensor(q, scales(e), e["bits"])
+            if "awq" in e:
+                hi = torch.from_numpy(np.frombuffer(get(aw["q"]), dtype=np.uint8).astype(np.int16) - 127).to(torch.int8)
+                t.q, t.awq = torch.cat([q[:, :a], hi.view(shape[0], b - a), q[:, a:]], 1), (a, b, scales(aw))
             if "lqer" in e:
                 lq, r = e["lqer"], e["lqer"]["rank"]
                 a = torch.frombuffer(bytearray(get(lq["a"])), dtype=torch.int8).view(shape[0], r)

@@ -158,15 +158,19 @@ def test_training_clock_states_export_against_the_cap_and_an_overrun_is_an_error
 
 @pytest.mark.slow
 def test_default_record_config_fits_without_a_refit_and_the_estimate_is_within_half_a_percent(tmp_path):
-    args = tg.Hyperparameters({"QUANT": "rtn"})  # GPTQ's values code like these (see bench/RESULTS.md)
-    assert (args.num_layers, args.model_dim, args.vocab_size) == (11, 512, 8192)
+    args = tg.Hyperparameters({})
+    assert (args.num_layers, args.model_dim, args.vocab_size, args.quant, args.awq_lite_groups) == (11, 512, 8192, "gptq", 1)
     packed, _, _ = pack_code.pack((ROOT / "train_gpt.py").read_text())
     code_bytes = len(packed.encode())
     model = record_shape_model(args)
     est = tg.estimate_artifact_bytes(model, args, code_bytes)
     log = tmp_path / "log.txt"
-    tg.export_artifact(model, args, rt_logging_to(log), {}, code_bytes, str(tmp_path / "m.pgart"))
+    # random diagonal Hessians: GPTQ rounds to nearest (its values code like a trained model's, see
+    # bench/RESULTS.md), and the columns' salience differs, so AWQ-lite picks a group
+    g = torch.Generator().manual_seed(0)
+    hess = {n: torch.diag(torch.rand(m.weight.size(1), generator=g) + 0.5) for n, m in tg.quantizable_modules(model)}
+    tg.export_artifact(model, args, rt_logging_to(log), hess, code_bytes, str(tmp_path / "m.pgart"))
     total = code_bytes + os.path.getsize(tmp_path / "m.pgart")
-    assert "budget_fit" not in log.read_text()
+    assert "budget_fit" not in log.read_text() and " awq_lite:1 " in log.read_text()
     assert total <= 15_950_000
     assert abs(est - total) <= 0.005 * total, (est, total)
