@@ -96,7 +96,7 @@ KNOBS = [
     K("ROPE_BASE", 10000.0, float, "RoPE base frequency", 1.0),
     K("ROPE_DIMS", 16, int, "rotate only the first ROPE_DIMS dims of each head (0: all)", 0),
     K("LOGIT_SOFTCAP", 30.0, float, "logits = cap * tanh(logits / cap) (0: off)", 0.0),
-    K("QK_GAIN_INIT", 5.0, float, "init of the learned per-head query gain", 0.0),
+    K("QK_GAIN_INIT", 5.25, float, "init of the learned per-head query gain", 0.0),
     K("XSA_LAST_N", 11, int, "exclusive self-attention on the last N layers (0: off)", 0),
     K("LN_SCALE", 1, bool, "scale each block's norm outputs by 1/sqrt(layer+1)"),
     K("SMEAR_GATE", 1, bool, "BOS-safe SmearGate: mix the previous token's embedding into each token"),
@@ -130,7 +130,7 @@ KNOBS = [
     K("VAL_BATCH_SIZE", 524288, int, "baseline name; here it only caps EVAL_BATCH_SEQS at VAL_BATCH_SIZE // (EVAL_SEQ_LEN * world_size)", 1),
     K("TRAIN_LOG_EVERY", 100, int, "log a step line every N steps", 1),
     # optimizers
-    K("MATRIX_LR", 0.026, float, "Muon learning rate for 2-D weights", 0.0),
+    K("MATRIX_LR", 0.028, float, "Muon learning rate for 2-D weights", 0.0),
     K("SCALAR_LR", 0.02, float, "Adam learning rate for vectors and scalars", 0.0),
     K("TIED_EMBED_LR", 0.03, float, "AdamW learning rate of every embedding table: token (tied or not), BigramHash, value embeddings", 0.0),
     K("HEAD_LR", 0.008, float, "Adam learning rate for an untied output head", 0.0),
@@ -169,9 +169,10 @@ KNOBS = [
     K("GPTQ_DAMP", 0.01, float, "GPTQ damping as a fraction of the mean Hessian diagonal", 0.0),
     K("GPTQ_BLOCK_SIZE", 128, int, "GPTQ column block size", 1),
     K("GPTQ_CALIBRATION", "train", ("train", "selfgen"), "calibration data: training batches or self-generated text"),
-    K("GPTQ_CALIBRATION_BATCHES", 16, int, "calibration micro-batches in all, split across ranks (train: of the global batch; selfgen: generated)", 1),
+    K("GPTQ_CALIBRATION_BATCHES", 32, int, "calibration micro-batches in all, split across ranks (train: of the global batch; selfgen: generated)", 1),
     K("LQER_RANK", 4, int, "rank of the low-rank quantization-error correction (0: off)", 0),
     K("LQER_TOP_K", 3, int, "tensors with the largest error that get LQER", 0),
+    K("LQER_ASYM_GROUP", 32, int, "asymmetric LQER: A int2 on one scale, B int4 with a scale per N values (0: both int4, a scale per rank component)", 0),
     K("AWQ_LITE_GROUPS", 1, int, "AWQ-lite: the N most salient column groups (input RMS x mean |w|; one per matrix at most) kept at 8 bits in GPTQ", 0),
     K("AWQ_LITE_GROUP_SIZE", 64, int, "columns per AWQ-lite group", 1),
     K("PACK_BITS", 0, bool, "bit-pack quantized values densely (smaller raw, but generic compressors do worse)"),
@@ -1732,7 +1733,7 @@ class QTensor:
     q: Tensor            # int8 values in [-qmax, qmax]
     scale: Tensor        # fp32 per-row step on the SCALE_STEPS grid
     bits: int
-    lqer: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # int4 A, fp16 per-column A scales, int4 B, fp16 per-row B scales
+    lqer: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # A, fp16 A scales (1, r or 1), B, fp16 B scales (one per row or group of B)
     awq: tuple[int, int, Tensor] | None = None  # AWQ-lite columns [start, end): int8 values in q, their own row scales
 
     def dequantize(self) -> Tensor:
@@ -1742,17 +1743,14 @@ class QTensor:
             w[:, a:b] = self.q[:, a:b].float() * s.float()
         if self.lqer is not None:
             qa, sa, qb, sb = self.lqer
-            w = w + (qa.float() * sa.float()) @ (qb.float() * sb.float())
+            w = w + (qa.float() * sa.float()) @ (qb.float().reshape(sb.size(0), -1) * sb.float()).view(qb.shape)
         return w
 
 
-LQER_QMAX = 7  # LQER factors in int4: at rank 4 they correct almost as well as int8 at half the bytes
-
-
-def quantize_lqer_factor(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """Symmetric int4 with one fp16 scale per rank component (reduced over dim)."""
-    s = (x.abs().amax(dim=dim, keepdim=True) / LQER_QMAX).clamp_min(1e-7).half()
-    return torch.clamp(torch.round(x / s.float()), -LQER_QMAX, LQER_QMAX).to(torch.int8), s
+def quantize_lqer_factor(x: Tensor, absmax: Tensor, div: float, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+    """Values in [lo, hi] on fp16 steps absmax / div."""
+    s = (absmax / div).clamp_min(1e-7).half()
+    return torch.clamp(torch.round(x / s.float()), lo, hi).to(torch.int8), s
 
 
 def quantize_tensor(w: Tensor, H: Tensor | None, bits: int, clip: float, args: Hyperparameters,
@@ -1789,10 +1787,19 @@ def awq_lite_groups(state: dict, specs: dict, hessians: dict, args: Hyperparamet
     return {key: start for _, key, start in sorted(cands, reverse=True)[:args.awq_lite_groups]}
 
 
-def lqer_factors(w: Tensor, qt: QTensor, rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def lqer_factors(w: Tensor, qt: QTensor, rank: int, group: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Rank-r factors A @ B of the quantization error. Symmetric (group 0): both int4, one scale per
+    rank component. Asymmetric (the records'): A int2 in [-2, 1] on one scale, B int4 in [-8, 7] with
+    one scale per group of its flattened values (at rank 4 B carries the precision A does not need)."""
     U, S, Vh = torch.linalg.svd(w - qt.dequantize(), full_matrices=False)
     r = min(rank, S.numel())
-    return (*quantize_lqer_factor(U[:, :r] * S[:r], 0), *quantize_lqer_factor(Vh[:r], 1))
+    A, B = U[:, :r] * S[:r], Vh[:r]
+    if group and B.numel() % group == 0:
+        Bg = B.reshape(-1, group)
+        qb, sb = quantize_lqer_factor(Bg, Bg.abs().amax(1, keepdim=True), 7.5, -8, 7)
+        return (*quantize_lqer_factor(A, A.abs().amax().view(1, 1), 1.5, -2, 1), qb.view(B.shape), sb)
+    return (*quantize_lqer_factor(A, A.abs().amax(0, keepdim=True), 7, -7, 7),
+            *quantize_lqer_factor(B, B.abs().amax(1, keepdim=True), 7, -7, 7))
 
 
 def quantize_model(model: GPT, args: Hyperparameters, hessians: dict[str, Tensor],
@@ -1821,7 +1828,7 @@ def quantize_model(model: GPT, args: Hyperparameters, hessians: dict[str, Tensor
         for key in sorted(errors, key=errors.get, reverse=True)[:args.lqer_top_k]:
             work = (key, out[key].bits, groups.get(key), "lqer")
             if work not in cache:
-                cache[work] = lqer_factors(state[key].detach().float().cpu(), out[key], args.lqer_rank)
+                cache[work] = lqer_factors(state[key].detach().float().cpu(), out[key], args.lqer_rank, args.lqer_asym_group)
             out[key] = replace(out[key], lqer=cache[work])
     return out, errors
 
@@ -1832,6 +1839,9 @@ CODER_OVERHEAD = {"zstd": 1.0155}
 
 
 LQER_FACTOR_BYTES = 0.4  # an int4 factor value clipped at its column's absmax: ~3.1 bits coded
+
+
+LQER_ASYM_BYTES = (0.2, 0.42)  # asymmetric LQER: an int2 A value, an int4 B value on its group's absmax
 
 
 SCALE_CODE_BYTES = 0.5  # a row scale's u8 grid code: rows of a tensor span a few octaves at most
@@ -1854,14 +1864,16 @@ def estimate_artifact_bytes(model: GPT, args: Hyperparameters, code_bytes: int) 
         if spec:
             values += m.weight.numel() * estimate_quantized_bits(*spec) / 8
             scales += SCALE_CODE_BYTES * m.weight.size(0)
-            sides.append(sum(m.weight.shape))
+            sides.append(tuple(m.weight.shape))
             quantized.add(id(m.weight))
             if spec[0] < 8 and m.weight.size(1) >= args.awq_lite_group_size:  # its group's extra bytes
                 extra_bits = args.awq_lite_group_size * (estimate_quantized_bits(8, spec[1]) - estimate_quantized_bits(*spec))
                 awq.append(m.weight.size(0) * (extra_bits / 8 + SCALE_CODE_BYTES))
     # AWQ-lite groups go where salience puts them, not known before training: the mean matrix's each
     values += sum(awq) / len(awq) * min(args.awq_lite_groups, len(awq)) if awq and args.quant == "gptq" else 0
-    lqer = sum(sorted(sides)[-args.lqer_top_k:]) * args.lqer_rank * LQER_FACTOR_BYTES if args.lqer_rank and sides else 0
+    g = args.lqer_asym_group
+    a_bytes, b_bytes = (LQER_ASYM_BYTES[0], LQER_ASYM_BYTES[1] + 2 / g) if g else (LQER_FACTOR_BYTES, LQER_FACTOR_BYTES)
+    lqer = sum(sorted(a_bytes * r + b_bytes * c for r, c in sides)[-args.lqer_top_k:]) * args.lqer_rank if args.lqer_rank and sides else 0
     floats = sum(2 * p.numel() for p in model.parameters() if id(p) not in quantized)
     tables = TENSOR_TABLE_BYTES * len(model.state_dict()) + artifact_file_bytes(args.compressor, b"\0" * 4)
     return int(code_bytes + values * CODER_OVERHEAD.get(args.compressor, 1.0105) + scales + lqer + floats + tables)
@@ -1908,7 +1920,7 @@ def predict_export_seconds(model: GPT, args: Hyperparameters, rt: Runtime) -> di
         if args.lqer_rank and shapes:
             w = torch.randn(max(shapes, key=lambda k: math.prod(k[0]))[0], device=rt.device, generator=g).cpu()
             qt, _ = quantize_tensor(w, None, 6, 12.0, args)
-            pred["quantize"] += args.lqer_top_k * timed(lambda: lqer_factors(w, qt, args.lqer_rank), rt)
+            pred["quantize"] += args.lqer_top_k * timed(lambda: lqer_factors(w, qt, args.lqer_rank, args.lqer_asym_group), rt)
         sample = np.clip(np.random.default_rng(0).normal(32, 2.6, min(raw_bytes, CHUNK_BYTES)), 1, 63).astype(np.uint8).tobytes()
         rounds = -(-math.ceil(raw_bytes / CHUNK_BYTES) // (args.compress_workers or usable_cpus()))
         for cand, lvl in compression_candidates(args):
@@ -2085,7 +2097,7 @@ def tensor_record(name: str, t, pack: bool, base: int) -> tuple[dict, bytes]:
             entry["awq"]["scale_base"], entry["awq"]["scale"] = put_scales(t.awq[2])
         if t.lqer is not None:
             qa, sa, qb, sb = t.lqer
-            entry["lqer"] = dict(rank=qa.size(1), a=put(qa.numpy().tobytes()), sa=put(shuffle_fp16(sa)),
+            entry["lqer"] = dict(rank=qa.size(1), sa_n=sa.numel(), sb_n=sb.size(0), a=put(qa.numpy().tobytes()), sa=put(shuffle_fp16(sa)),
                                  b=put(qb.numpy().tobytes()), sb=put(shuffle_fp16(sb)))
     elif t.dtype == torch.float16:
         entry = dict(name=name, kind="fp16", shape=list(t.shape), data=put(shuffle_fp16(t)))
@@ -2146,7 +2158,7 @@ def deserialize_state(payload: bytes) -> tuple[dict, dict]:
                 lq, r = e["lqer"], e["lqer"]["rank"]
                 a = torch.frombuffer(bytearray(get(lq["a"])), dtype=torch.int8).view(shape[0], r)
                 b = torch.frombuffer(bytearray(get(lq["b"])), dtype=torch.int8).view(r, shape[1])
-                t.lqer = (a, unshuffle_fp16(get(lq["sa"]), (1, r)), b, unshuffle_fp16(get(lq["sb"]), (r, 1)))
+                t.lqer = (a, unshuffle_fp16(get(lq["sa"]), (1, lq["sa_n"])), b, unshuffle_fp16(get(lq["sb"]), (lq["sb_n"], 1)))
             state[e["name"]] = t.dequantize()
         elif e["kind"] == "fp16":
             state[e["name"]] = unshuffle_fp16(get(e["data"]), shape).float()

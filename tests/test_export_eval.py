@@ -96,8 +96,9 @@ def test_awq_lite_groups_are_counted_by_the_estimate_and_by_budget_fitting():
     assert len(tg.bits_to_lower(model, on, qstate, errors, {}, excess)) == 2
 
 
-def test_lqer_reduces_the_error_of_the_corrected_tensors():
-    args = make_args(QUANT="rtn", MLP_BITS=3, ATTN_BITS=3, LQER_RANK=4, LQER_TOP_K=2)
+@pytest.mark.parametrize("group", [0, 32])
+def test_lqer_reduces_the_error_of_the_corrected_tensors(group):
+    args = make_args(QUANT="rtn", MLP_BITS=3, ATTN_BITS=3, LQER_RANK=4, LQER_TOP_K=2, LQER_ASYM_GROUP=group)
     torch.manual_seed(0)
     model = tg.GPT(args)
     for p in model.parameters():
@@ -112,6 +113,15 @@ def test_lqer_reduces_the_error_of_the_corrected_tensors():
         e_plain = (state[k] - plain[k].dequantize()).norm()
         e_lqer = (state[k] - with_lqer[k].dequantize()).norm()
         assert e_lqer < 0.95 * e_plain
+        qa, sa, qb, sb = with_lqer[k].lqer
+        if group:  # the records' asymmetric form: A int2 in [-2, 1] on one scale, B int4 on a scale per 32 values
+            assert sa.numel() == 1 and -2 <= int(qa.min()) and int(qa.max()) <= 1
+            assert sb.numel() == qb.numel() // 32 and -8 <= int(qb.min()) and int(qb.max()) <= 7 and int(qb.min()) == -8
+        else:
+            assert sa.numel() == sb.numel() == 4 and int(qa.abs().max()) == int(qb.abs().max()) == 7
+    _, restored = tg.deserialize_state(b"".join(tg.serialize_chunks(with_lqer, {}, False)))
+    for k in corrected:
+        torch.testing.assert_close(restored[k], with_lqer[k].dequantize(), rtol=0, atol=0)
 
 
 def test_budget_fitting_lowers_bits_until_the_artifact_fits(tmp_path):
