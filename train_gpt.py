@@ -115,7 +115,8 @@ KNOBS = [
     K("ATTN_GATE_WIDTH", 12, int, "residual dims feeding the attention output gate", 1),
     K("DOC_MASK", 0, bool, "attend only within the current BOS-delimited document"),
     # training
-    K("TRAIN_SEQ_LEN", 2048, int, "training sequence length", 2),
+    K("TRAIN_SEQ_LEN", 2048, int, "training sequence length (the longest, with TRAIN_SEQ_SCHEDULE)", 2),
+    K("TRAIN_SEQ_SCHEDULE", "", str, "progressive context, e.g. 1024@0.1,2048@0.7,3072@1: each length until that training progress, same tokens per step (last length = TRAIN_SEQ_LEN; empty: off)"),
     K("TRAIN_BATCH_TOKENS", 786432, int, "global tokens per optimizer step", 2),
     K("GRAD_ACCUM_STEPS", 0, int, "micro-batches per rank per step (0: 8 // world_size)", 0),
     K("ITERATIONS", 20000, int, "maximum optimizer steps", 0),
@@ -341,6 +342,7 @@ class Hyperparameters:
     def resolve(self):
         """Derived values, then the consistency checks."""
         self.ve_layer_ids = self.parse_layer_list("VE_LAYERS", self.ve_layers) if self.ve_dim else []
+        self.seq_schedule = self.parse_seq_schedule(self.train_seq_schedule)
         self.byte_accounting = "luts"  # run() resolves it against the tokenizer and DATA_PATH
         self.check()
 
@@ -356,6 +358,19 @@ class Hyperparameters:
         if any(not 0 <= i < self.num_layers for i in ids):
             raise ConfigError(f"{name}={raw!r}: layer indices must be in [0, NUM_LAYERS)")
         return ids
+
+    def parse_seq_schedule(self, raw: str) -> list[tuple[int, float]]:
+        """TRAIN_SEQ_SCHEDULE as [(length, until progress)], ending at TRAIN_SEQ_LEN and progress 1."""
+        if not raw:
+            return [(self.train_seq_len, 1.0)]
+        try:
+            sched = [(int(L), float(p)) for L, p in (part.split("@") for part in raw.split(","))]
+        except ValueError:
+            raise ConfigError(f"TRAIN_SEQ_SCHEDULE={raw!r}: expected length@progress,... e.g. 1024@0.1,2048@1") from None
+        ends = [p for _, p in sched]
+        if ends != sorted(set(ends)) or ends[-1] != 1.0 or sched[-1][0] != self.train_seq_len or min(L for L, _ in sched) < 2:
+            raise ConfigError(f"TRAIN_SEQ_SCHEDULE={raw!r}: progress must rise to 1 and the last length be TRAIN_SEQ_LEN={self.train_seq_len}")
+        return sched
 
     def check(self):
         def need(cond, msg):
@@ -707,12 +722,13 @@ class TrainLoader:
         self.stream = TokenStream(args.data_path, args.vocab_size)
         self.args, self.rt, self.grad_accum = args, rt, grad_accum
 
-    def next_batch(self) -> list[tuple[Tensor, Tensor]]:
-        """One optimizer step's micro-batches for this rank."""
+    def next_batch(self, seq_len: int = 0) -> list[tuple[Tensor, Tensor]]:
+        """One optimizer step's micro-batches for this rank, in sequences of seq_len (default
+        TRAIN_SEQ_LEN): the same tokens whatever the length, so a switch skips and repeats nothing."""
         a, rt = self.args, self.rt
         chunk = torch.from_numpy(self.stream.take(a.train_batch_tokens, rt.rank, rt.world_size).astype(np.int64))
-        x = chunk[:-1].view(-1, a.train_seq_len)
-        y = chunk[1:].view(-1, a.train_seq_len)
+        x = chunk[:-1].view(-1, seq_len or a.train_seq_len)
+        y = chunk[1:].view(-1, seq_len or a.train_seq_len)
         seqs = x.size(0) // self.grad_accum
         return [(x[i * seqs:(i + 1) * seqs].to(rt.device, non_blocking=True),
                  y[i * seqs:(i + 1) * seqs].to(rt.device, non_blocking=True)) for i in range(self.grad_accum)]
@@ -1450,27 +1466,35 @@ def train_step(model_fn, model: GPT, opts, micro_batches, args: Hyperparameters,
 
 def grad_accum_steps(args: Hyperparameters, rt: Runtime) -> int:
     accum = args.grad_accum_steps or (8 // rt.world_size if 8 % rt.world_size == 0 else 1)
-    if args.train_batch_tokens % (rt.world_size * accum * args.train_seq_len):
-        raise ConfigError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} is not divisible by world_size {rt.world_size} "
-                          f"x GRAD_ACCUM_STEPS {accum} x TRAIN_SEQ_LEN {args.train_seq_len}")
+    for seq_len, _ in args.seq_schedule:
+        if args.train_batch_tokens % (rt.world_size * accum * seq_len):
+            raise ConfigError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} is not divisible by world_size {rt.world_size} "
+                              f"x GRAD_ACCUM_STEPS {accum} x sequence length {seq_len} (TRAIN_SEQ_LEN, TRAIN_SEQ_SCHEDULE)")
     return accum
 
 
+def train_seq_len_at(args: Hyperparameters, progress: float) -> int:
+    return next((L for L, until in args.seq_schedule if progress < until), args.train_seq_len)
+
+
 def prime_compile(model: GPT, model_fn, args: Hyperparameters, rt: Runtime, loader: TrainLoader):
-    """Compile, before the clock starts, every graph the run will use: WARMUP_STEPS real steps
-    (plain, then looped), then with COMPILE the evaluation graphs at their real shapes, then restore
-    the initial weights; optimizers are rebuilt by the caller."""
+    """Compile, before the clock starts, every graph the run will use: WARMUP_STEPS real steps (at
+    least one per graph) spread over each layer order (plain, then looped) and each TRAIN_SEQ_SCHEDULE length, then with
+    COMPILE the evaluation graphs at their real shapes, then restore the initial weights; optimizers
+    are rebuilt by the caller."""
     if args.warmup_steps:
         t0 = time.perf_counter()
         initial = copy.deepcopy(model.state_dict())
         opts = build_optimizers(model, args, rt)
-        for i in range(args.warmup_steps):
-            model.looping = args.num_loops > 1 and i >= args.warmup_steps // 2
-            train_step(model_fn, model, opts, loader.next_batch(), args, rt)
+        graphs = [(looping, L) for looping in sorted({False, args.num_loops > 1}) for L, _ in args.seq_schedule]
+        steps = max(args.warmup_steps, len(graphs))  # at least one step per graph
+        for i in range(steps):
+            model.looping, seq_len = graphs[i * len(graphs) // steps]
+            train_step(model_fn, model, opts, loader.next_batch(seq_len), args, rt)
         model.load_state_dict(initial)
         model.looping = False
         rt.sync()
-        rt.log(f"warmup steps:{args.warmup_steps} ms:{1000 * (time.perf_counter() - t0):.0f} (compile priming, weights restored)")
+        rt.log(f"warmup steps:{steps} ms:{1000 * (time.perf_counter() - t0):.0f} (compile priming, weights restored)")
     if rt.compile:
         with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):  # eager and compiled runs draw the same
             prime_eval_graphs(model, args, rt)
@@ -1521,6 +1545,7 @@ def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | N
     averager = WeightAverager(model, args)
     qat_on = False
     step, step_ms = 0, 0.0
+    seq_len = 0 if len(args.seq_schedule) > 1 else args.train_seq_len  # a schedule logs its first length too
     rt.sync()
     budget = TimeBudget(rt, time.perf_counter(), training_seconds(args),
                         lambda at, elapsed: f"stopping_early: wallclock_cap train_time:{1000 * elapsed:.0f} step:{at}")
@@ -1539,6 +1564,9 @@ def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | N
         if args.num_loops > 1 and not model.looping and progress >= args.enable_looping_at:
             model.looping = True
             rt.log(f"looping_enabled step:{step} train_time:{elapsed:.0f} layers:{','.join(map(str, model.layer_order()))}")
+        if train_seq_len_at(args, progress) != seq_len:
+            seq_len = train_seq_len_at(args, progress)
+            rt.log(f"train_seq_len step:{step} train_time:{elapsed:.0f} seq_len:{seq_len}")
         scale = lr_scale(args, step, progress, warmdown_fraction(args, step_ms))
         if args.late_qat_threshold > 0 and not qat_on and step >= args.lr_warmup_steps and scale < args.late_qat_threshold:
             set_late_qat(model, True)
@@ -1550,7 +1578,7 @@ def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | N
                 g["lr"] = g["base_lr"] * scale
                 if isinstance(opt, Muon):
                     g["momentum"] = (1 - mom_frac) * args.muon_momentum_warmup_start + mom_frac * args.muon_momentum
-        loss = train_step(model_fn, model, opts, loader.next_batch(), args, rt)
+        loss = train_step(model_fn, model, opts, loader.next_batch(seq_len), args, rt)
         step += 1
         averager.update(step, progress)
         budget.pace()
