@@ -116,13 +116,13 @@ KNOBS = [
     K("DOC_MASK", 0, bool, "attend only within the current BOS-delimited document"),
     # training
     K("TRAIN_SEQ_LEN", 2048, int, "training sequence length (the longest, with TRAIN_SEQ_SCHEDULE)", 2),
-    K("TRAIN_SEQ_SCHEDULE", "", str, "progressive context, e.g. 1024@0.1,2048@0.7,3072@1: each length until that training progress, same tokens per step (last length = TRAIN_SEQ_LEN; empty: off)"),
+    K("TRAIN_SEQ_SCHEDULE", "", str, "progressive context, e.g. 1024@0.1,2048@0.7,3072@1: length@until-progress, ending at TRAIN_SEQ_LEN (empty: off)"),
     K("TRAIN_BATCH_TOKENS", 786432, int, "global tokens per optimizer step", 2),
     K("GRAD_ACCUM_STEPS", 0, int, "micro-batches per rank per step (0: 8 // world_size)", 0),
     K("ITERATIONS", 20000, int, "maximum optimizer steps", 0),
     K("MAX_WALLCLOCK_SECONDS", 600.0, float, "training time cap in seconds (0: none)", 0.0),
-    K("GPTQ_RESERVE_SECONDS", "auto", float, "seconds of the cap kept for GPTQ calibration (and export with EXPORT_ON_TRAIN_CLOCK=1; auto: predicted from timed samples)", 0.0),
-    K("EXPORT_ON_TRAIN_CLOCK", 0, bool, "1: quantization and compression also run on the training clock (stricter); 0: after it, before the evaluation clock"),
+    K("GPTQ_RESERVE_SECONDS", "auto", float, "seconds of the cap kept for GPTQ calibration (+ export if EXPORT_ON_TRAIN_CLOCK; auto: predicted)", 0.0),
+    K("EXPORT_ON_TRAIN_CLOCK", 0, bool, "1: quantize and compress on the training clock too (stricter; 0: after it)"),
     K("WARMUP_STEPS", 20, int, "compile-priming steps, undone before training", 0),
     K("LR_WARMUP_STEPS", 0, int, "linear LR warmup steps", 0),
     K("WARMDOWN_ITERS", 0, int, "LR warmdown length in steps (0: use WARMDOWN_FRAC)", 0),
@@ -174,8 +174,8 @@ KNOBS = [
     K("GPTQ_CALIBRATION_BATCHES", 32, int, "calibration micro-batches in all, split across ranks (train: of the global batch; selfgen: generated)", 1),
     K("LQER_RANK", 4, int, "rank of the low-rank quantization-error correction (0: off)", 0),
     K("LQER_TOP_K", 3, int, "tensors with the largest error that get LQER", 0),
-    K("LQER_ASYM_GROUP", 32, int, "asymmetric LQER: A int2 on one scale, B int4 with a scale per N values (0: both int4, a scale per rank component)", 0),
-    K("AWQ_LITE_GROUPS", 1, int, "AWQ-lite: the N most salient column groups (input RMS x mean |w|; one per matrix at most) kept at 8 bits in GPTQ", 0),
+    K("LQER_ASYM_GROUP", 32, int, "asymmetric LQER: A int2, B int4 with a scale per N values (0: both int4, a scale per rank)", 0),
+    K("AWQ_LITE_GROUPS", 1, int, "AWQ-lite: N column groups kept at 8 bits in GPTQ, most salient (input RMS x mean |w|) first, one per matrix", 0),
     K("AWQ_LITE_GROUP_SIZE", 64, int, "columns per AWQ-lite group", 1),
     K("PACK_BITS", 0, bool, "bit-pack quantized values densely (smaller raw, but generic compressors do worse)"),
     K("COMPRESSOR", "brotli", ("zstd", "brotli", "lzma", "auto"), "artifact compressor (auto: smallest of all)"),
@@ -366,7 +366,7 @@ class Hyperparameters:
         try:
             sched = [(int(L), float(p)) for L, p in (part.split("@") for part in raw.split(","))]
         except ValueError:
-            raise ConfigError(f"TRAIN_SEQ_SCHEDULE={raw!r}: expected length@progress,... e.g. 1024@0.1,2048@1") from None
+            raise ConfigError(f"TRAIN_SEQ_SCHEDULE={raw!r}: expected length@progress,...") from None
         ends = [p for _, p in sched]
         if ends != sorted(set(ends)) or ends[-1] != 1.0 or sched[-1][0] != self.train_seq_len or min(L for L, _ in sched) < 2:
             raise ConfigError(f"TRAIN_SEQ_SCHEDULE={raw!r}: progress must rise to 1 and the last length be TRAIN_SEQ_LEN={self.train_seq_len}")
