@@ -97,7 +97,7 @@ KNOBS = [
     K("ROPE_BASE", 10000.0, float, "RoPE base frequency", 1.0),
     K("ROPE_DIMS", 16, int, "rotate only the first ROPE_DIMS dims of each head (0: all)", 0),
     K("LOGIT_SOFTCAP", 30.0, float, "logits = cap * tanh(logits / cap) (0: off)", 0.0),
-    K("QK_GAIN_INIT", 5.0, float, "init of the learned per-head query gain", 0.0),
+    K("QK_GAIN_INIT", 5.25, float, "init of the learned per-head query gain", 0.0),
     K("XSA_LAST_N", 11, int, "exclusive self-attention on the last N layers (0: off)", 0),
     K("LN_SCALE", 1, bool, "scale each block's norm outputs by 1/sqrt(layer+1)"),
     K("SMEAR_GATE", 1, bool, "BOS-safe SmearGate: mix the previous token's embedding into each token"),
@@ -117,12 +117,14 @@ KNOBS = [
     K("ATTN_GATE_WIDTH", 12, int, "residual dims feeding the attention output gate", 1),
     K("DOC_MASK", 0, bool, "attend only within the current BOS-delimited document"),
     # training
-    K("TRAIN_SEQ_LEN", 2048, int, "training sequence length", 2),
+    K("TRAIN_SEQ_LEN", 2048, int, "training sequence length (the longest, with TRAIN_SEQ_SCHEDULE)", 2),
+    K("TRAIN_SEQ_SCHEDULE", "", str, "progressive context, e.g. 1024@0.1,2048@0.7,3072@1: length@until-progress, ending at TRAIN_SEQ_LEN (empty: off)"),
     K("TRAIN_BATCH_TOKENS", 786432, int, "global tokens per optimizer step", 2),
     K("GRAD_ACCUM_STEPS", 0, int, "micro-batches per rank per step (0: 8 // world_size)", 0),
     K("ITERATIONS", 20000, int, "maximum optimizer steps", 0),
     K("MAX_WALLCLOCK_SECONDS", 600.0, float, "training time cap in seconds (0: none)", 0.0),
-    K("GPTQ_RESERVE_SECONDS", "auto", float, "seconds of the cap kept for GPTQ calibration and export (auto: predicted from timed samples)", 0.0),
+    K("GPTQ_RESERVE_SECONDS", "auto", float, "seconds of the cap kept for GPTQ calibration (+ export if EXPORT_ON_TRAIN_CLOCK; auto: predicted)", 0.0),
+    K("EXPORT_ON_TRAIN_CLOCK", 0, bool, "1: quantize and compress on the training clock too (stricter; 0: after it)"),
     K("WARMUP_STEPS", 20, int, "compile-priming steps, undone before training", 0),
     K("LR_WARMUP_STEPS", 0, int, "linear LR warmup steps", 0),
     K("WARMDOWN_ITERS", 0, int, "LR warmdown length in steps (0: use WARMDOWN_FRAC)", 0),
@@ -132,7 +134,7 @@ KNOBS = [
     K("VAL_BATCH_SIZE", 524288, int, "baseline name; here it only caps EVAL_BATCH_SEQS at VAL_BATCH_SIZE // (EVAL_SEQ_LEN * world_size)", 1),
     K("TRAIN_LOG_EVERY", 100, int, "log a step line every N steps", 1),
     # optimizers
-    K("MATRIX_LR", 0.026, float, "Muon learning rate for 2-D weights", 0.0),
+    K("MATRIX_LR", 0.028, float, "Muon learning rate for 2-D weights", 0.0),
     K("SCALAR_LR", 0.02, float, "Adam learning rate for vectors and scalars", 0.0),
     K("TIED_EMBED_LR", 0.03, float, "AdamW learning rate of every embedding table: token (tied or not), BigramHash, value embeddings", 0.0),
     K("HEAD_LR", 0.008, float, "Adam learning rate for an untied output head", 0.0),
@@ -171,9 +173,12 @@ KNOBS = [
     K("GPTQ_DAMP", 0.01, float, "GPTQ damping as a fraction of the mean Hessian diagonal", 0.0),
     K("GPTQ_BLOCK_SIZE", 128, int, "GPTQ column block size", 1),
     K("GPTQ_CALIBRATION", "train", ("train", "selfgen"), "calibration data: training batches or self-generated text"),
-    K("GPTQ_CALIBRATION_BATCHES", 16, int, "calibration micro-batches in all, split across ranks (train: of the global batch; selfgen: generated)", 1),
+    K("GPTQ_CALIBRATION_BATCHES", 32, int, "calibration micro-batches in all, split across ranks (train: of the global batch; selfgen: generated)", 1),
     K("LQER_RANK", 4, int, "rank of the low-rank quantization-error correction (0: off)", 0),
     K("LQER_TOP_K", 3, int, "tensors with the largest error that get LQER", 0),
+    K("LQER_ASYM_GROUP", 32, int, "asymmetric LQER: A int2, B int4 with a scale per N values (0: both int4, a scale per rank)", 0),
+    K("AWQ_LITE_GROUPS", 1, int, "AWQ-lite: N column groups kept at 8 bits in GPTQ, most salient (input RMS x mean |w|) first, one per matrix", 0),
+    K("AWQ_LITE_GROUP_SIZE", 64, int, "columns per AWQ-lite group", 1),
     K("PACK_BITS", 0, bool, "bit-pack quantized values densely (smaller raw, but generic compressors do worse)"),
     K("COMPRESSOR", "brotli", ("zstd", "brotli", "lzma", "auto"), "artifact compressor (auto: smallest of all)"),
     K("COMPRESSION_LEVEL", -1, int, "compressor level (-1: brotli 10, zstd 22, lzma 9)", -1),
@@ -339,6 +344,7 @@ class Hyperparameters:
     def resolve(self):
         """Derived values, then the consistency checks."""
         self.ve_layer_ids = self.parse_layer_list("VE_LAYERS", self.ve_layers) if self.ve_dim else []
+        self.seq_schedule = self.parse_seq_schedule(self.train_seq_schedule)
         self.byte_accounting = "luts"  # run() resolves it against the tokenizer and DATA_PATH
         self.check()
 
@@ -354,6 +360,19 @@ class Hyperparameters:
         if any(not 0 <= i < self.num_layers for i in ids):
             raise ConfigError(f"{name}={raw!r}: layer indices must be in [0, NUM_LAYERS)")
         return ids
+
+    def parse_seq_schedule(self, raw: str) -> list[tuple[int, float]]:
+        """TRAIN_SEQ_SCHEDULE as [(length, until progress)], ending at TRAIN_SEQ_LEN and progress 1."""
+        if not raw:
+            return [(self.train_seq_len, 1.0)]
+        try:
+            sched = [(int(L), float(p)) for L, p in (part.split("@") for part in raw.split(","))]
+        except ValueError:
+            raise ConfigError(f"TRAIN_SEQ_SCHEDULE={raw!r}: expected length@progress,...") from None
+        ends = [p for _, p in sched]
+        if ends != sorted(set(ends)) or ends[-1] != 1.0 or sched[-1][0] != self.train_seq_len or min(L for L, _ in sched) < 2:
+            raise ConfigError(f"TRAIN_SEQ_SCHEDULE={raw!r}: progress must rise to 1 and the last length be TRAIN_SEQ_LEN={self.train_seq_len}")
+        return sched
 
     def check(self):
         def need(cond, msg):
@@ -751,11 +770,12 @@ class TrainLoader:
         self.stream = TokenStream(args.data_path, args.vocab_size)
         self.args, self.rt, self.grad_accum = args, rt, grad_accum
 
-    def next_batch(self) -> list[tuple[Tensor, Tensor]]:
-        """One optimizer step's micro-batches for this rank."""
+    def next_batch(self, seq_len: int = 0) -> list[tuple[Tensor, Tensor]]:
+        """One optimizer step's micro-batches for this rank, in sequences of seq_len (default
+        TRAIN_SEQ_LEN): the same tokens whatever the length, so a switch skips and repeats nothing."""
         a, rt = self.args, self.rt
         chunk = torch.from_numpy(self.stream.take(a.train_batch_tokens, rt.rank, rt.world_size).astype(np.int64))
-        x, y = to_device(torch.stack([chunk[:-1], chunk[1:]]), rt.device).view(2, -1, a.train_seq_len)  # one copy, aligned rows
+        x, y = to_device(torch.stack([chunk[:-1], chunk[1:]]), rt.device).view(2, -1, seq_len or a.train_seq_len)  # one copy, aligned rows
         seqs = x.size(0) // self.grad_accum
         return [(x[i * seqs:(i + 1) * seqs], y[i * seqs:(i + 1) * seqs]) for i in range(self.grad_accum)]
 
@@ -1498,13 +1518,13 @@ def build_optimizers(model: GPT, args: Hyperparameters, rt: Runtime) -> list[tor
 
 
 def training_seconds(args: Hyperparameters) -> float:
-    """The training loop's time: the wallclock cap less the GPTQ/export reserve (inf without a cap)."""
+    """The training loop's time: the wallclock cap less the GPTQ reserve (inf without a cap)."""
     return max(args.max_wallclock_seconds - args.gptq_reserve_seconds, 1e-3) if args.max_wallclock_seconds > 0 else math.inf
 
 
 def training_progress(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
     """Fraction of training done: by steps, or by elapsed time when a wallclock cap is set
-    (whichever is further), where the cap excludes the time reserved for GPTQ and export."""
+    (whichever is further), where the cap excludes the time reserved for GPTQ calibration."""
     return min(max(step / max(args.iterations, 1), elapsed_ms / (1000 * training_seconds(args))), 1.0)
 
 
@@ -1626,27 +1646,35 @@ def train_step(model_fn, model: GPT, opts, micro_batches, args: Hyperparameters,
 
 def grad_accum_steps(args: Hyperparameters, rt: Runtime) -> int:
     accum = args.grad_accum_steps or (8 // rt.world_size if 8 % rt.world_size == 0 else 1)
-    if args.train_batch_tokens % (rt.world_size * accum * args.train_seq_len):
-        raise ConfigError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} is not divisible by world_size {rt.world_size} "
-                          f"x GRAD_ACCUM_STEPS {accum} x TRAIN_SEQ_LEN {args.train_seq_len}")
+    for seq_len, _ in args.seq_schedule:
+        if args.train_batch_tokens % (rt.world_size * accum * seq_len):
+            raise ConfigError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} is not divisible by world_size {rt.world_size} "
+                              f"x GRAD_ACCUM_STEPS {accum} x sequence length {seq_len} (TRAIN_SEQ_LEN, TRAIN_SEQ_SCHEDULE)")
     return accum
 
 
+def train_seq_len_at(args: Hyperparameters, progress: float) -> int:
+    return next((L for L, until in args.seq_schedule if progress < until), args.train_seq_len)
+
+
 def prime_compile(model: GPT, model_fn, args: Hyperparameters, rt: Runtime, loader: TrainLoader):
-    """Compile, before the clock starts, every graph the run will use: WARMUP_STEPS real steps
-    (plain, then looped), then with COMPILE the evaluation graphs at their real shapes, then restore
-    the initial weights; optimizers are rebuilt by the caller."""
+    """Compile, before the clock starts, every graph the run will use: WARMUP_STEPS real steps (at
+    least one per graph) spread over each layer order (plain, then looped) and each TRAIN_SEQ_SCHEDULE length, then with
+    COMPILE the evaluation graphs at their real shapes, then restore the initial weights; optimizers
+    are rebuilt by the caller."""
     if args.warmup_steps:
         t0 = time.perf_counter()
         initial = copy.deepcopy(model.state_dict())
         opts = build_optimizers(model, args, rt)
-        for i in range(args.warmup_steps):
-            model.looping = args.num_loops > 1 and i >= args.warmup_steps // 2
-            train_step(model_fn, model, opts, loader.next_batch(), args, rt)
+        graphs = [(looping, L) for looping in sorted({False, args.num_loops > 1}) for L, _ in args.seq_schedule]
+        steps = max(args.warmup_steps, len(graphs))  # at least one step per graph
+        for i in range(steps):
+            model.looping, seq_len = graphs[i * len(graphs) // steps]
+            train_step(model_fn, model, opts, loader.next_batch(seq_len), args, rt)
         model.load_state_dict(initial)
         model.looping = False
         rt.sync()
-        rt.log(f"warmup steps:{args.warmup_steps} ms:{1000 * (time.perf_counter() - t0):.0f} (compile priming, weights restored)")
+        rt.log(f"warmup steps:{steps} ms:{1000 * (time.perf_counter() - t0):.0f} (compile priming, weights restored)")
     if rt.compile:
         with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):  # eager and compiled runs draw the same
             prime_eval_graphs(model, args, rt)
@@ -1699,6 +1727,7 @@ def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | N
     averager = WeightAverager(model, args)
     qat_on = False
     step, step_ms, elapsed = 0, 0.0, 0.0  # elapsed: ms agreed by all ranks after the last step, so they switch together
+    seq_len = 0 if len(args.seq_schedule) > 1 else args.train_seq_len  # a schedule logs its first length too
     rt.sync()
     budget = TimeBudget(rt, time.perf_counter(), training_seconds(args),
                         lambda at, elapsed: f"stopping_early: wallclock_cap train_time:{1000 * elapsed:.0f} step:{at}")
@@ -1716,6 +1745,9 @@ def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | N
         if args.num_loops > 1 and not model.looping and progress >= args.enable_looping_at:
             model.looping = True
             rt.log(f"looping_enabled step:{step} train_time:{elapsed:.0f} layers:{','.join(map(str, model.layer_order()))}")
+        if train_seq_len_at(args, progress) != seq_len:
+            seq_len = train_seq_len_at(args, progress)
+            rt.log(f"train_seq_len step:{step} train_time:{elapsed:.0f} seq_len:{seq_len}")
         scale = lr_scale(args, step, progress, warmdown_fraction(args, step_ms))
         if args.late_qat_threshold > 0 and not qat_on and step >= args.lr_warmup_steps and scale < args.late_qat_threshold:
             set_late_qat(model, True)
@@ -1727,7 +1759,7 @@ def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | N
                 g["lr"] = g["base_lr"] * scale
                 if isinstance(opt, Muon):
                     g["momentum"] = (1 - mom_frac) * args.muon_momentum_warmup_start + mom_frac * args.muon_momentum
-        loss = train_step(model_fn, model, opts, loader.next_batch(), args, rt)
+        loss = train_step(model_fn, model, opts, loader.next_batch(seq_len), args, rt)
         step += 1
         averager.update(step, progress)
         budget.pace()
@@ -1818,29 +1850,33 @@ def fake_quantize(w: Tensor, bits: int, clip_sigmas: float, clip_search: bool, a
     return w + alpha.to(w.dtype) * (dq.to(w.dtype) - w.detach())
 
 
-def gptq_quantize(w: Tensor, H: Tensor, scale: Tensor, bits: int, damp: float, block: int) -> Tensor:
+def gptq_quantize(w: Tensor, H: Tensor, scale: Tensor, bits: int, damp: float, block: int, awq=None) -> Tensor:
     """GPTQ with act-order: quantize columns in order of decreasing Hessian diagonal, pushing each
-    column's rounding error onto the not-yet-quantized columns through the Cholesky factor of H^-1."""
+    column's rounding error onto the not-yet-quantized columns through the Cholesky factor of H^-1.
+    awq = (start, end, scale): those columns take 8-bit values on their own row scales."""
     W = w.float().clone()
     H = H.float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    S = scale.expand_as(W).clone()  # each column's row steps and value limit
+    qmax = torch.full((W.size(1),), 2 ** (bits - 1) - 1, device=W.device)
+    if awq:
+        S[:, awq[0]:awq[1]], qmax[awq[0]:awq[1]] = awq[2], 127
     perm = torch.argsort(torch.diag(H), descending=True)
-    W, H = W[:, perm], H[perm][:, perm]
+    W, H, S, qmax = W[:, perm], H[perm][:, perm], S[:, perm], qmax[perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(H.size(0), device=H.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    qmax = 2 ** (bits - 1) - 1
     Q = torch.zeros_like(W)
     for i1 in range(0, W.size(1), block):
         i2 = min(i1 + block, W.size(1))
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            col = W1[:, i]
-            q = torch.clamp(torch.round(col / scale[:, 0]), -qmax, qmax)
+            col, s, m = W1[:, i], S[:, i1 + i], qmax[i1 + i]
+            q = torch.minimum(torch.maximum(torch.round(col / s), -m), m)
             Q[:, i1 + i] = q
-            err = (col - q * scale[:, 0]) / Hinv1[i, i]
+            err = (col - q * s) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err[:, i] = err
         W[:, i2:] -= Err @ Hinv[i1:i2, i2:]
@@ -1920,42 +1956,74 @@ class QTensor:
     q: Tensor            # int8 values in [-qmax, qmax]
     scale: Tensor        # fp32 per-row step on the SCALE_STEPS grid
     bits: int
-    lqer: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # int4 A, fp16 per-column A scales, int4 B, fp16 per-row B scales
+    lqer: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # A, fp16 A scales (1, r or 1), B, fp16 B scales (one per row or group of B)
+    awq: tuple[int, int, Tensor] | None = None  # AWQ-lite columns [start, end): int8 values in q, their own row scales
 
     def dequantize(self) -> Tensor:
         w = self.q.float() * self.scale.float()
+        if self.awq is not None:
+            a, b, s = self.awq
+            w[:, a:b] = self.q[:, a:b].float() * s.float()
         if self.lqer is not None:
             qa, sa, qb, sb = self.lqer
-            w = w + (qa.float() * sa.float()) @ (qb.float() * sb.float())
+            w = w + (qa.float() * sa.float()) @ (qb.float().reshape(sb.size(0), -1) * sb.float()).view(qb.shape)
         return w
 
 
-LQER_QMAX = 7  # LQER factors in int4: at rank 4 they correct almost as well as int8 at half the bytes
-
-
-def quantize_lqer_factor(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """Symmetric int4 with one fp16 scale per rank component (reduced over dim)."""
-    s = (x.abs().amax(dim=dim, keepdim=True) / LQER_QMAX).clamp_min(1e-7).half()
-    return torch.clamp(torch.round(x / s.float()), -LQER_QMAX, LQER_QMAX).to(torch.int8), s
+def quantize_lqer_factor(x: Tensor, absmax: Tensor, div: float, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+    """Values in [lo, hi] on fp16 steps absmax / div."""
+    s = (absmax / div).clamp_min(1e-7).half()
+    return torch.clamp(torch.round(x / s.float()), lo, hi).to(torch.int8), s
 
 
 @no_tf32()
-def quantize_tensor(w: Tensor, H: Tensor | None, bits: int, clip: float, args: Hyperparameters) -> tuple[QTensor, float]:
-    """GPTQ (or round-to-nearest) of one matrix, with its Hessian-weighted squared error."""
+def quantize_tensor(w: Tensor, H: Tensor | None, bits: int, clip: float, args: Hyperparameters,
+                    awq_start: int | None = None) -> tuple[QTensor, float]:
+    """GPTQ (or round-to-nearest) of one matrix, with its Hessian-weighted squared error; the
+    AWQ-lite group from awq_start, if any, at 8 bits (same SDClip k, its own row scales)."""
     scale = row_scales(w, bits, clip, args.clip_search)
+    awq = None if awq_start is None else (awq_start, awq_start + args.awq_lite_group_size,
+                                           row_scales(w, 8, clip, False))
     if args.quant == "gptq" and H is not None:
-        q = gptq_quantize(w, H.to(w.device), scale, bits, args.gptq_damp, args.gptq_block_size)
+        q = gptq_quantize(w, H.to(w.device), scale, bits, args.gptq_damp, args.gptq_block_size, awq)
     else:
         q = quantize_rtn(w, scale, bits)
-    E = w - q * scale
+        if awq:
+            q[:, awq[0]:awq[1]] = quantize_rtn(w[:, awq[0]:awq[1]], awq[2], 8)
+    qt = QTensor(q.to(torch.int8).cpu(), scale.cpu(), bits, awq=awq and (awq[0], awq[1], awq[2].cpu()))
+    E = w - qt.dequantize().to(w.device)
     err = float((E @ H.to(w.device) * E).sum()) if H is not None else float(E.square().sum())
-    return QTensor(q.to(torch.int8).cpu(), scale.cpu(), bits), err
+    return qt, err
 
 
-def lqer_factors(w: Tensor, qt: QTensor, rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def awq_lite_groups(state: dict, specs: dict, hessians: dict, args: Hyperparameters) -> dict[str, int]:
+    """{state key: first column} of the AWQ_LITE_GROUPS most salient column groups, at most one per
+    matrix below 8 bits. A column's salience is its input RMS (from the Hessian diagonal, summed over
+    a looped layer's passes as its error is) times its mean |w|; a group's is the sum of its columns'."""
+    g, cands = args.awq_lite_group_size, []
+    for key, (name, (bits, _)) in specs.items():
+        w, H = state[key], hessians.get(name)
+        if H is None or bits >= 8 or w.size(1) < g:
+            continue
+        sal = torch.diag(H).float().clamp_min(0).sqrt().cpu() * w.detach().float().abs().mean(0).cpu()
+        score, i = sal[:w.size(1) // g * g].view(-1, g).sum(1).max(0)
+        cands.append((float(score), key, int(i) * g))
+    return {key: start for _, key, start in sorted(cands, reverse=True)[:args.awq_lite_groups]}
+
+
+def lqer_factors(w: Tensor, qt: QTensor, rank: int, group: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Rank-r factors A @ B of the quantization error. Symmetric (group 0): both int4, one scale per
+    rank component. Asymmetric (the records'): A int2 in [-2, 1] on one scale, B int4 in [-8, 7] with
+    one scale per group of its flattened values (at rank 4 B carries the precision A does not need)."""
     U, S, Vh = torch.linalg.svd(w - qt.dequantize(), full_matrices=False)
     r = min(rank, S.numel())
-    return (*quantize_lqer_factor(U[:, :r] * S[:r], 0), *quantize_lqer_factor(Vh[:r], 1))
+    A, B = U[:, :r] * S[:r], Vh[:r]
+    if group and B.numel() % group == 0:
+        Bg = B.reshape(-1, group)
+        qb, sb = quantize_lqer_factor(Bg, Bg.abs().amax(1, keepdim=True), 7.5, -8, 7)
+        return (*quantize_lqer_factor(A, A.abs().amax().view(1, 1), 1.5, -2, 1), qb.view(B.shape), sb)
+    return (*quantize_lqer_factor(A, A.abs().amax(0, keepdim=True), 7, -7, 7),
+            *quantize_lqer_factor(B, B.abs().amax(1, keepdim=True), 7, -7, 7))
 
 
 def quantize_model(model: GPT, args: Hyperparameters, hessians: dict[str, Tensor],
@@ -1970,20 +2038,22 @@ def quantize_model(model: GPT, args: Hyperparameters, hessians: dict[str, Tensor
         if spec:
             specs[name + ".weight"] = (name, spec)
     out, errors, state = {}, {}, model.state_dict()
+    groups = awq_lite_groups(state, specs, hessians, args)
     for key, t in state.items():
         if key not in specs:
             out[key] = t.detach().to(torch.float16 if t.is_floating_point() else t.dtype).cpu()
             continue
         name, (bits, clip) = specs[key]
-        if (key, bits) not in cache:
-            cache[key, bits] = quantize_tensor(t.detach().float(), hessians.get(name), bits, clip, args)
-        out[key], errors[key] = cache[key, bits]
+        work = (key, bits, groups.get(key))
+        if work not in cache:
+            cache[work] = quantize_tensor(t.detach().float(), hessians.get(name), bits, clip, args, groups.get(key))
+        out[key], errors[key] = cache[work]
     if args.lqer_rank > 0:
         for key in sorted(errors, key=errors.get, reverse=True)[:args.lqer_top_k]:
-            bits = out[key].bits
-            if (key, bits, "lqer") not in cache:
-                cache[key, bits, "lqer"] = lqer_factors(state[key].detach().float().cpu(), out[key], args.lqer_rank)
-            out[key] = replace(out[key], lqer=cache[key, bits, "lqer"])
+            work = (key, out[key].bits, groups.get(key), "lqer")
+            if work not in cache:
+                cache[work] = lqer_factors(state[key].detach().float().cpu(), out[key], args.lqer_rank, args.lqer_asym_group)
+            out[key] = replace(out[key], lqer=cache[work])
     return out, errors
 
 
@@ -1993,6 +2063,9 @@ CODER_OVERHEAD = {"zstd": 1.0155}
 
 
 LQER_FACTOR_BYTES = 0.4  # an int4 factor value clipped at its column's absmax: ~3.1 bits coded
+
+
+LQER_ASYM_BYTES = (0.2, 0.42)  # asymmetric LQER: an int2 A value, an int4 B value on its group's absmax
 
 
 SCALE_CODE_BYTES = 0.5  # a row scale's u8 grid code: rows of a tensor span a few octaves at most
@@ -2009,15 +2082,22 @@ def estimate_quantized_bits(bits: int, clip_sigmas: float) -> float:
 def estimate_artifact_bytes(model: GPT, args: Hyperparameters, code_bytes: int) -> int:
     """Pre-flight size estimate: code + coded quantized values + row scale codes + LQER factors (placed
     on the largest matrices, since the error ranking is not known yet) + fp16 small tensors + tables."""
-    values, scales, quantized, sides = 0.0, 0, set(), []
+    values, scales, quantized, sides, awq = 0.0, 0, set(), [], []
     for name, m in quantizable_modules(model):
         spec = quant_spec(name, m.weight.numel(), args)
         if spec:
             values += m.weight.numel() * estimate_quantized_bits(*spec) / 8
             scales += SCALE_CODE_BYTES * m.weight.size(0)
-            sides.append(sum(m.weight.shape))
+            sides.append(tuple(m.weight.shape))
             quantized.add(id(m.weight))
-    lqer = sum(sorted(sides)[-args.lqer_top_k:]) * args.lqer_rank * LQER_FACTOR_BYTES if args.lqer_rank and sides else 0
+            if spec[0] < 8 and m.weight.size(1) >= args.awq_lite_group_size:  # its group's extra bytes
+                extra_bits = args.awq_lite_group_size * (estimate_quantized_bits(8, spec[1]) - estimate_quantized_bits(*spec))
+                awq.append(m.weight.size(0) * (extra_bits / 8 + SCALE_CODE_BYTES))
+    # AWQ-lite groups go where salience puts them, not known before training: the mean matrix's each
+    values += sum(awq) / len(awq) * min(args.awq_lite_groups, len(awq)) if awq and args.quant == "gptq" else 0
+    g = args.lqer_asym_group
+    a_bytes, b_bytes = (LQER_ASYM_BYTES[0], LQER_ASYM_BYTES[1] + 2 / g) if g else (LQER_FACTOR_BYTES, LQER_FACTOR_BYTES)
+    lqer = sum(sorted(a_bytes * r + b_bytes * c for r, c in sides)[-args.lqer_top_k:]) * args.lqer_rank if args.lqer_rank and sides else 0
     floats = sum(2 * p.numel() for p in model.parameters() if id(p) not in quantized)
     tables = TENSOR_TABLE_BYTES * len(model.state_dict()) + artifact_file_bytes(args.compressor, b"\0" * 4)
     return int(code_bytes + values * CODER_OVERHEAD.get(args.compressor, 1.0105) + scales + lqer + floats + tables)
@@ -2064,7 +2144,7 @@ def predict_export_seconds(model: GPT, args: Hyperparameters, rt: Runtime) -> di
         if args.lqer_rank and shapes:
             w = torch.randn(max(shapes, key=lambda k: math.prod(k[0]))[0], device=rt.device, generator=g).cpu()
             qt, _ = quantize_tensor(w, None, 6, 12.0, args)
-            pred["quantize"] += args.lqer_top_k * timed(lambda: lqer_factors(w, qt, args.lqer_rank), rt)
+            pred["quantize"] += args.lqer_top_k * timed(lambda: lqer_factors(w, qt, args.lqer_rank, args.lqer_asym_group), rt)
         sample = np.clip(np.random.default_rng(0).normal(32, 2.6, min(raw_bytes, CHUNK_BYTES)), 1, 63).astype(np.uint8).tobytes()
         rounds = -(-math.ceil(raw_bytes / CHUNK_BYTES) // (args.compress_workers or usable_cpus()))
         for cand, lvl in compression_candidates(args):
@@ -2075,21 +2155,26 @@ def predict_export_seconds(model: GPT, args: Hyperparameters, rt: Runtime) -> di
 
 
 def resolve_gptq_reserve(model: GPT, args: Hyperparameters, rt: Runtime):
-    """GPTQ_RESERVE_SECONDS=auto: the predicted export time with a 25% + 2 s margin (0 without a cap)."""
+    """GPTQ_RESERVE_SECONDS=auto: the predicted time of what runs on the training clock after the last
+    step, with a 25% margin + 1 s (+ 2 s with the export: its process pool): GPTQ calibration, which
+    reads training data, and with EXPORT_ON_TRAIN_CLOCK=1 quantization and compression (0 without a cap)."""
     if args.gptq_reserve_seconds != "auto":
         return
     if args.max_wallclock_seconds <= 0:
         args.gptq_reserve_seconds = 0.0
         return
     pred = predict_export_seconds(model, args, rt)
-    args.gptq_reserve_seconds = round(1.25 * sum(pred.values()) + 2.0, 1)
-    rt.log(f"gptq_reserve seconds:{args.gptq_reserve_seconds} source:auto " + " ".join(f"{k}_s:{v:.2f}" for k, v in pred.items()))
+    covered = list(pred) if args.export_on_train_clock else ["calibration"]
+    args.gptq_reserve_seconds = round(1.25 * sum(pred[k] for k in covered) + (2.0 if args.export_on_train_clock else 1.0), 1)
+    rt.log(f"gptq_reserve seconds:{args.gptq_reserve_seconds} source:auto covers:{'+'.join(covered)} "
+           + " ".join(f"{k}_s:{v:.2f}" for k, v in pred.items()))
 
 
-def bits_to_lower(model: GPT, args: Hyperparameters, errors: dict, override: dict, excess: int) -> list[tuple[str, int, int]]:
+def bits_to_lower(model: GPT, args: Hyperparameters, qstate: dict, errors: dict, override: dict, excess: int) -> list[tuple[str, int, int]]:
     """Tensors whose precision costs least to lower by one bit (Hessian-weighted error added per
-    estimated byte saved), until the estimated saving covers the excess. Matrices kept in fp16 go
-    to 8 bits first: near-lossless, and the only way under the budget for models of small matrices."""
+    estimated byte saved, an AWQ-lite group staying at 8 bits), until the estimated saving covers the
+    excess. Matrices kept in fp16 go to 8 bits first: near-lossless, and the only way under the
+    budget for models of small matrices."""
     cands = []
     for name, m in quantizable_modules(model):
         spec = quant_spec(name, m.weight.numel(), args, override)
@@ -2100,7 +2185,9 @@ def bits_to_lower(model: GPT, args: Hyperparameters, errors: dict, override: dic
                 cands.append((0.0, name, 16, 8, saved))
         elif spec[0] > 2:
             bits, clip = spec
-            saved = m.weight.numel() * (estimate_quantized_bits(bits, clip) - estimate_quantized_bits(bits - 1, clip)) / 8
+            awq = qstate[name + ".weight"].awq
+            lowered = m.weight.numel() - (awq[1] - awq[0]) * m.weight.size(0) if awq else m.weight.numel()
+            saved = lowered * (estimate_quantized_bits(bits, clip) - estimate_quantized_bits(bits - 1, clip)) / 8
             # rounding error variance grows ~4x per bit removed
             cands.append((3 * errors[name + ".weight"] / max(saved, 1.0), name, bits, bits - 1, saved))
     chosen, total = [], 0.0
@@ -2120,17 +2207,18 @@ def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime, hessians: di
     override, qcache, ccache = {}, {}, {}
     meta = dict(config=args.model_config(), looping=model.looping, byte_accounting=args.byte_accounting)
     while True:
-        t0, done = time.perf_counter(), sum(len(k) == 2 for k in qcache)
+        t0, done = time.perf_counter(), sum(len(k) == 3 for k in qcache)
         qstate, errors = quantize_model(model, args, hessians, override, qcache)
-        rt.log(f"quantize method:{args.quant} tensors:{len(errors)} new:{sum(len(k) == 2 for k in qcache) - done} "
-               f"lqer:{min(args.lqer_top_k, len(errors)) if args.lqer_rank else 0} seconds:{time.perf_counter() - t0:.2f}")
+        rt.log(f"quantize method:{args.quant} tensors:{len(errors)} new:{sum(len(k) == 3 for k in qcache) - done} "
+               f"lqer:{min(args.lqer_top_k, len(errors)) if args.lqer_rank else 0} "
+               f"awq_lite:{sum(isinstance(v, QTensor) and v.awq is not None for v in qstate.values())} seconds:{time.perf_counter() - t0:.2f}")
         bits = {k: v.bits for k, v in qstate.items() if isinstance(v, QTensor)}
         chunks = serialize_chunks(qstate, dict(meta, bits=bits), args.pack_bits)
         comp, data = compress_payload(chunks, args, rt, ccache)
         total = code_bytes + artifact_file_bytes(comp, data)
         if total <= args.artifact_budget:
             break
-        lower = bits_to_lower(model, args, errors, override, total - args.artifact_budget)
+        lower = bits_to_lower(model, args, qstate, errors, override, total - args.artifact_budget)
         if not lower:  # every matrix at 2 bits: write it; the run then fails as over budget
             rt.log(f"error: artifact_budget_unreachable limit:{args.artifact_budget} smallest_reachable:{total}")
             break
@@ -2221,16 +2309,23 @@ def tensor_record(name: str, t, pack: bool, base: int) -> tuple[dict, bytes]:
         size += len(data)
         return [base + size - len(data), len(data)]
 
+    def put_scales(s: Tensor) -> tuple[int, list[int]]:
+        codes = torch.round(SCALE_STEPS * torch.log2(s.float())).to(torch.int32)
+        return int(codes.min()), put((codes - codes.min()).to(torch.uint8).numpy().tobytes())
+
     if isinstance(t, QTensor):
         qmax = 2 ** (t.bits - 1) - 1
-        vals = (t.q.numpy().astype(np.int16) + qmax).reshape(-1)
-        codes = torch.round(SCALE_STEPS * torch.log2(t.scale.float())).to(torch.int32)
+        a, b = t.awq[:2] if t.awq else (0, 0)
+        vals = (torch.cat([t.q[:, :a], t.q[:, b:]], 1).numpy().astype(np.int16) + qmax).reshape(-1)
         entry = dict(name=name, kind="q", shape=list(t.q.shape), bits=t.bits, packed=pack,
-                     q=put(pack_bits(vals, t.bits) if pack else vals.astype(np.uint8).tobytes()),
-                     scale_base=int(codes.min()), scale=put((codes - codes.min()).to(torch.uint8).numpy().tobytes()))
+                     q=put(pack_bits(vals, t.bits) if pack else vals.astype(np.uint8).tobytes()))
+        entry["scale_base"], entry["scale"] = put_scales(t.scale)
+        if t.awq is not None:  # the group's columns: u8 values offset by 127, their own scale codes
+            entry["awq"] = dict(start=a, end=b, q=put((t.q[:, a:b].numpy().astype(np.int16) + 127).astype(np.uint8).tobytes()))
+            entry["awq"]["scale_base"], entry["awq"]["scale"] = put_scales(t.awq[2])
         if t.lqer is not None:
             qa, sa, qb, sb = t.lqer
-            entry["lqer"] = dict(rank=qa.size(1), a=put(qa.numpy().tobytes()), sa=put(shuffle_fp16(sa)),
+            entry["lqer"] = dict(rank=qa.size(1), sa_n=sa.numel(), sb_n=sb.size(0), a=put(qa.numpy().tobytes()), sa=put(shuffle_fp16(sa)),
                                  b=put(qb.numpy().tobytes()), sb=put(shuffle_fp16(sb)))
     elif t.dtype == torch.float16:
         entry = dict(name=name, kind="fp16", shape=list(t.shape), data=put(shuffle_fp16(t)))
@@ -2276,17 +2371,22 @@ def deserialize_state(payload: bytes) -> tuple[dict, dict]:
     for e in meta.pop("tensors"):
         shape = e["shape"]
         if e["kind"] == "q":
-            numel, qmax = math.prod(shape), 2 ** (e["bits"] - 1) - 1
-            raw = get(e["q"])
+            scales = lambda d: torch.exp2((torch.frombuffer(bytearray(get(d["scale"])), dtype=torch.uint8).float()
+                                           + d["scale_base"]) / SCALE_STEPS).view(shape[0], 1)
+            aw = e.get("awq", dict(start=0, end=0))
+            a, b, qmax = aw["start"], aw["end"], 2 ** (e["bits"] - 1) - 1
+            numel, raw = shape[0] * (shape[1] - b + a), get(e["q"])
             vals = unpack_bits(raw, e["bits"], numel) if e["packed"] else np.frombuffer(raw, dtype=np.uint8)
-            q = torch.from_numpy(vals.astype(np.int16) - qmax).to(torch.int8).view(shape)
-            codes = torch.frombuffer(bytearray(get(e["scale"])), dtype=torch.uint8).float() + e["scale_base"]
-            t = QTensor(q, torch.exp2(codes / SCALE_STEPS).view(shape[0], 1), e["bits"])
+            q = torch.from_numpy(vals.astype(np.int16) - qmax).to(torch.int8).view(shape[0], -1)
+            t = QTensor(q, scales(e), e["bits"])
+            if "awq" in e:
+                hi = torch.from_numpy(np.frombuffer(get(aw["q"]), dtype=np.uint8).astype(np.int16) - 127).to(torch.int8)
+                t.q, t.awq = torch.cat([q[:, :a], hi.view(shape[0], b - a), q[:, a:]], 1), (a, b, scales(aw))
             if "lqer" in e:
                 lq, r = e["lqer"], e["lqer"]["rank"]
                 a = torch.frombuffer(bytearray(get(lq["a"])), dtype=torch.int8).view(shape[0], r)
                 b = torch.frombuffer(bytearray(get(lq["b"])), dtype=torch.int8).view(r, shape[1])
-                t.lqer = (a, unshuffle_fp16(get(lq["sa"]), (1, r)), b, unshuffle_fp16(get(lq["sb"]), (r, 1)))
+                t.lqer = (a, unshuffle_fp16(get(lq["sa"]), (1, lq["sa_n"])), b, unshuffle_fp16(get(lq["sb"]), (lq["sb_n"], 1)))
             state[e["name"]] = t.dequantize()
         elif e["kind"] == "fp16":
             state[e["name"]] = unshuffle_fp16(get(e["data"]), shape).float()
@@ -2856,8 +2956,8 @@ def peak_memory_mib(rt: Runtime) -> float:
 
 def train_and_export(args: Hyperparameters, rt: Runtime, backend: str, code_bytes: int,
                      validation: tuple[Tensor, Tensor], path: str) -> tuple[GPT, float]:
-    """Train, calibrate and write the artifact at path, all on the training clock. Returns the
-    trained model and the training clock's total ms."""
+    """Train and calibrate on the training clock, then write the artifact at path (on the training
+    clock too with EXPORT_ON_TRAIN_CLOCK=1). Returns the trained model and the training clock's total ms."""
     torch.manual_seed(args.seed)
     model = GPT(args, backend).to(rt.device)
     if args.late_qat_threshold > 0:
@@ -2872,16 +2972,19 @@ def train_and_export(args: Hyperparameters, rt: Runtime, backend: str, code_byte
     set_late_qat(model, False)
     batches = calibration_batches(model, args, rt, trained.loader) if args.quant == "gptq" else []
     hessians = collect_hessians(model, batches, rt) if batches else {}
-    calib_s = time.perf_counter() - t0
-    rt.log(f"gptq_calibration seconds:{calib_s:.2f} batches:{len(batches) * rt.world_size} "
+    t1 = time.perf_counter()
+    calib_ms = 1000 * (t1 - t0)
+    rt.log(f"gptq_calibration seconds:{calib_ms / 1000:.2f} batches:{len(batches) * rt.world_size} "
            f"source:{args.gptq_calibration if hessians else 'none'}")
     if rt.master:
         export_artifact(model, args, rt, hessians, code_bytes, path)
     rt.barrier()
-    export_ms = 1000 * (time.perf_counter() - t0)
-    total_ms, cap_ms, reserve_ms = trained.train_ms + export_ms, 1000 * args.max_wallclock_seconds, 1000 * args.gptq_reserve_seconds
-    rt.log(f"train_total steps:{trained.steps} train_ms:{trained.train_ms:.0f} export_ms:{export_ms:.0f} "
-           f"total_ms:{total_ms:.0f} cap_ms:{cap_ms:.0f} reserve_ms:{reserve_ms:.0f}")
+    export_ms = 1000 * (time.perf_counter() - t1)
+    total_ms = trained.train_ms + calib_ms + export_ms * args.export_on_train_clock
+    cap_ms, reserve_ms = 1000 * args.max_wallclock_seconds, 1000 * args.gptq_reserve_seconds
+    rt.log(f"train_total steps:{trained.steps} train_ms:{trained.train_ms:.0f} calibration_ms:{calib_ms:.0f} "
+           f"export_ms:{export_ms:.0f} export_on_clock:{int(args.export_on_train_clock)} total_ms:{total_ms:.0f} "
+           f"cap_ms:{cap_ms:.0f} reserve_ms:{reserve_ms:.0f}")
     return model, total_ms
 
 

@@ -41,8 +41,8 @@ COMPILE_ENV = dict(COMPILE="1", AUTOCAST="bf16", WARMUP_STEPS="2", NUM_LOOPS="2"
                    EVAL_BATCH_SEQS="32", VAL_BATCH_SIZE=str(32 * 64), QUANT="rtn", TORCH_LOGS="recompiles")
 
 
-def compiled_run(tmp_path, tiny_env, backend, timeout):
-    env = dict(tiny_env, **COMPILE_ENV, PG_TEST_COMPILE_BACKEND=backend)
+def compiled_run(tmp_path, tiny_env, backend, timeout, **overrides):
+    env = {**tiny_env, **COMPILE_ENV, **overrides, "PG_TEST_COMPILE_BACKEND": backend}
     proc = subprocess.run([sys.executable, str(HELPER), str(SCRIPT)], cwd=tmp_path, env=env, timeout=timeout,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # one stream: ordered
     assert proc.returncode == 0, proc.stdout[-4000:]
@@ -226,3 +226,17 @@ def test_whole_graphs_through_the_flash_attention_fakes(whole_graphs, monkeypatc
     calls = fake_flash.install(monkeypatch)
     check_whole_graphs(whole_graphs, backend, doc_mask)
     assert backend == "sdpa" or sum(calls.values()) > 0
+
+
+def test_no_graph_is_compiled_after_training_starts_with_a_seq_schedule(tmp_path, tiny_env):
+    """TRAIN_SEQ_SCHEDULE: each length's graph, in each layer order, is compiled in the warm-up; the
+    training loop switches lengths (and turns looping on) without compiling."""
+    tiny_env.update(TRAIN_SEQ_SCHEDULE="16@0.25,32@0.6,64@1")
+    out = compiled_run(tmp_path, tiny_env, "count", 600)  # WARMUP_STEPS=2: stretched to the 6 graphs
+    assert any(ln.startswith("warmup steps:6 ") for ln in out.splitlines())
+    lines = [ln for ln in out.splitlines() if not ln.startswith(("config ", "V", " ", "\t"))]
+    compiled = [i for i, ln in enumerate(lines) if ln.startswith("dynamo_graph_compiled ")]
+    clock = next(i for i, ln in enumerate(lines) if ln.startswith("step:"))
+    assert max(compiled) < clock, [lines[i - 1] for i in compiled]
+    switches = [ln.split(" train_time:")[0] + " " + ln.split()[-1] for ln in lines if ln.startswith("train_seq_len ")]
+    assert switches == ["train_seq_len step:0 seq_len:16", "train_seq_len step:2 seq_len:32", "train_seq_len step:5 seq_len:64"]

@@ -64,8 +64,57 @@ def test_calibration_and_gptq_run_without_tf32_and_restore_the_flags(monkeypatch
     assert flags() == (True, True)
 
 
-def test_lqer_reduces_the_error_of_the_corrected_tensors():
-    args = make_args(QUANT="rtn", MLP_BITS=3, ATTN_BITS=3, LQER_RANK=4, LQER_TOP_K=2)
+def salient_group_problem(start=64, g=64):
+    """A 64 x 256 matrix whose inputs in columns [start, start + g) are 8x larger than the others'."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4096, 256, generator=gen)
+    x[:, start:start + g] *= 8
+    return torch.randn(64, 256, generator=gen) * 0.05, x.T @ x
+
+
+def test_awq_lite_keeps_the_salient_group_at_8_bits_and_lowers_the_hessian_weighted_error():
+    args = make_args(QUANT="gptq", AWQ_LITE_GROUPS=1, AWQ_LITE_GROUP_SIZE=64)
+    w, H = salient_group_problem()
+    specs = {"m.weight": ("m", (4, 6.0)), "n.weight": ("n", (4, 6.0))}
+    n_w, n_H = torch.randn(64, 256) * 0.01, torch.eye(256)  # a less salient matrix: never chosen
+    assert tg.awq_lite_groups({"m.weight": w, "n.weight": n_w}, specs, {"m": H, "n": n_H}, args) == {"m.weight": 64}
+    plain, err_plain = tg.quantize_tensor(w, H, 4, 6.0, args)
+    awq, err_awq = tg.quantize_tensor(w, H, 4, 6.0, args, 64)
+    a, b, s_hi = awq.awq
+    assert (a, b) == (64, 128) and int(awq.q[:, a:b].abs().max()) > 7  # 8-bit values, beyond int4's range
+    # act-order quantizes the salient columns first: their error is 8-bit rounding (plus what the group's
+    # own earlier columns push onto the later ones), where plain GPTQ leaves int4-level errors
+    group_err = lambda qt: float(((w - qt.dequantize())[:, a:b].abs() / s_hi).max())
+    assert group_err(awq) <= 1.0 and group_err(plain) > 4
+    assert err_awq < 0.5 * err_plain, (err_awq, err_plain)
+    for pack in (False, True):  # the artifact stores and restores it exactly
+        _, state = tg.deserialize_state(b"".join(tg.serialize_chunks({"m.weight": awq}, {}, pack)))
+        torch.testing.assert_close(state["m.weight"], awq.dequantize(), rtol=0, atol=0)
+
+
+def test_awq_lite_groups_are_counted_by_the_estimate_and_by_budget_fitting():
+    on, off = make_args(AWQ_LITE_GROUPS=2, KEEP_FLOAT_NUMEL=0), make_args(AWQ_LITE_GROUPS=0, KEEP_FLOAT_NUMEL=0)
+    model = tg.GPT(on)
+    rows = [m.weight.size(0) for n, m in tg.quantizable_modules(model) if m.weight.size(1) >= 64]
+    extra = tg.estimate_artifact_bytes(model, on, 0) - tg.estimate_artifact_bytes(model, off, 0)
+    assert 0 < extra <= 2 * max(rows) * (64 * 8 / 8 + tg.SCALE_CODE_BYTES)
+    qstate, errors = tg.quantize_model(model, on, {n: torch.eye(m.weight.size(1)) for n, m in tg.quantizable_modules(model)})
+    protected = [k for k, v in qstate.items() if isinstance(v, tg.QTensor) and v.awq is not None]
+    assert len(protected) == 2
+    key = protected[0]
+    errors = {k: (0.0 if k == key else 1e9) for k in errors}  # the protected tensor is the cheapest to lower
+    w, (bits, clip) = model.state_dict()[key], tg.quant_spec(key[:-7], 1, on)
+    per_value = (tg.estimate_quantized_bits(bits, clip) - tg.estimate_quantized_bits(bits - 1, clip)) / 8
+    full, kept = w.numel() * per_value, (w.numel() - 64 * w.size(0)) * per_value
+    excess = (full + kept) / 2 / 1.1  # covered by lowering it only if its group were lowered too
+    plain = dict(qstate, **{key: tg.replace(qstate[key], awq=None)})
+    assert len(tg.bits_to_lower(model, on, plain, errors, {}, excess)) == 1
+    assert len(tg.bits_to_lower(model, on, qstate, errors, {}, excess)) == 2
+
+
+@pytest.mark.parametrize("group", [0, 32])
+def test_lqer_reduces_the_error_of_the_corrected_tensors(group):
+    args = make_args(QUANT="rtn", MLP_BITS=3, ATTN_BITS=3, LQER_RANK=4, LQER_TOP_K=2, LQER_ASYM_GROUP=group)
     torch.manual_seed(0)
     model = tg.GPT(args)
     for p in model.parameters():
@@ -80,6 +129,15 @@ def test_lqer_reduces_the_error_of_the_corrected_tensors():
         e_plain = (state[k] - plain[k].dequantize()).norm()
         e_lqer = (state[k] - with_lqer[k].dequantize()).norm()
         assert e_lqer < 0.95 * e_plain
+        qa, sa, qb, sb = with_lqer[k].lqer
+        if group:  # the records' asymmetric form: A int2 in [-2, 1] on one scale, B int4 on a scale per 32 values
+            assert sa.numel() == 1 and -2 <= int(qa.min()) and int(qa.max()) <= 1
+            assert sb.numel() == qb.numel() // 32 and -8 <= int(qb.min()) and int(qb.max()) <= 7 and int(qb.min()) == -8
+        else:
+            assert sa.numel() == sb.numel() == 4 and int(qa.abs().max()) == int(qb.abs().max()) == 7
+    _, restored = tg.deserialize_state(b"".join(tg.serialize_chunks(with_lqer, {}, False)))
+    for k in corrected:
+        torch.testing.assert_close(restored[k], with_lqer[k].dequantize(), rtol=0, atol=0)
 
 
 def test_budget_fitting_lowers_bits_until_the_artifact_fits(tmp_path):

@@ -252,6 +252,18 @@ def test_eval_only_log_is_no_submission(tmp_path):
     assert "trained 0 steps" in refusal([no_steps])
 
 
+def test_training_and_calibration_over_the_cap_refuse_the_log_and_export_after_the_clock_does_not(tmp_path):
+    def with_train_total(total_ms, export_ms, on_clock):
+        line = (f"train_total steps:7041 train_ms:{total_ms - 400} calibration_ms:400 export_ms:{export_ms} "
+                f"export_on_clock:{on_clock} total_ms:{total_ms} cap_ms:600000 reserve_ms:1500\n")
+        return lambda t: t.replace("train_time_ms:600034", f"train_time_ms:{total_ms}").replace("eval_time ", line + "eval_time ", 1)
+    # quantization and compression after the training clock: 90 s of export, training + calibration inside the cap
+    ok = edited_log(tmp_path, SEED_LOGS[0], with_train_total(599_600, 90_000, 0), "ok.txt")
+    assert not logparse.parse_log(ok).problems()
+    over = edited_log(tmp_path, SEED_LOGS[0], with_train_total(600_300, 90_000, 0), "over.txt")
+    assert "training clock over the cap: total_ms 600300 > cap_ms 600000" in refusal([over])
+
+
 @pytest.mark.parametrize("line", ["error: training_over_wallclock_cap train_ms:612000 cap_ms:600000",
                                   "error: exception ValueError: shard ids out of range (see traceback above)"])
 def test_any_error_line_refuses_the_log(tmp_path, line):

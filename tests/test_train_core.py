@@ -102,6 +102,40 @@ def test_token_stream_ranks_read_disjoint_spans_of_one_global_batch(tmp_path):
             np.testing.assert_array_equal(p, whole[32 * r:32 * r + 33])
 
 
+def test_seq_schedule_keeps_tokens_per_step_and_the_stream_when_the_length_changes():
+    args = make_args(TRAIN_SEQ_SCHEDULE="16@0.1,32@0.7,64@1")
+    assert args.seq_schedule == [(16, 0.1), (32, 0.7), (64, 1.0)]
+    assert [tg.train_seq_len_at(args, p) for p in (0.0, 0.099, 0.1, 0.69, 0.7, 1.0)] == [16, 16, 32, 32, 64, 64]
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False, False, None)
+    switching, steady = tg.TrainLoader(args, rt, 2), tg.TrainLoader(args, rt, 2)
+    for seq_len in (16, 32, 64, 16):  # a switch neither re-reads nor skips: the same tokens, reshaped
+        got, ref = switching.next_batch(seq_len), steady.next_batch()
+        assert [x.shape for x, _ in got] == [(1024 // seq_len // 2, seq_len)] * 2
+        torch.testing.assert_close(torch.cat([x.reshape(-1) for x, _ in got]), torch.cat([x.reshape(-1) for x, _ in ref]))
+        torch.testing.assert_close(torch.cat([y.reshape(-1) for _, y in got]), torch.cat([y.reshape(-1) for _, y in ref]))
+
+
+@pytest.mark.parametrize("raw", ["16@0.5,32@1", "64@0.5,16@1", "16@0.7,64@0.5,64@1", "16,64@1", "16@0.5,64@0.9"])
+def test_seq_schedule_must_rise_to_one_and_end_at_train_seq_len(raw):
+    with pytest.raises(tg.ConfigError, match="TRAIN_SEQ_SCHEDULE"):
+        make_args(TRAIN_SEQ_SCHEDULE=raw)  # TRAIN_SEQ_LEN=64
+
+
+def test_seq_schedule_lengths_must_divide_the_micro_batch():
+    args = make_args(TRAIN_SEQ_SCHEDULE="48@0.5,64@1")
+    with pytest.raises(tg.ConfigError, match="sequence length 48"):
+        tg.grad_accum_steps(args, tg.Runtime(0, 1, 0, torch.device("cpu"), False, False, None))
+
+
+def test_warmup_primes_every_length_in_each_layer_order_with_at_least_a_step_each(monkeypatch):
+    args = make_args(TRAIN_SEQ_SCHEDULE="16@0.1,32@0.7,64@1", WARMUP_STEPS=1, NUM_LOOPS=2)
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False, False, None)
+    model, seen = tg.GPT(args), []
+    monkeypatch.setattr(tg, "train_step", lambda fn, m, opts, batches, *a: seen.append((m.looping, batches[0][0].size(1))))
+    tg.prime_compile(model, model, args, rt, tg.TrainLoader(args, rt, 1))
+    assert seen == [(False, 16), (False, 32), (False, 64), (True, 16), (True, 32), (True, 64)] and not model.looping
+
+
 def test_training_path_never_opens_a_validation_file(tmp_path, monkeypatch):
     args = make_args(ITERATIONS=2, GPTQ_CALIBRATION_BATCHES=1)
     rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False, False, None)

@@ -131,6 +131,9 @@ class RunLog:
             out.append("trained 0 steps")
         out.extend(self._final_problems())
         out.extend(self._artifact_problems())
+        t = self.train_total or {}
+        if t.get("cap_ms", 0) > 0 and t["total_ms"] > t["cap_ms"]:  # training + calibration (+ export if on the clock)
+            out.append(f"training clock over the cap: total_ms {t['total_ms']} > cap_ms {t['cap_ms']}")
         t = self.eval_time
         if t is None:
             out += [] if "eval_time" in self.line_counts else ["no eval_time line"]
