@@ -185,9 +185,9 @@ KNOBS = [
     K("EVAL_BATCH_SEQS", 32, int, "windows per evaluation forward per rank (capped by VAL_BATCH_SIZE)", 1),
     K("EVAL_MAX_SECONDS", 600.0, float, "time for everything after training; TTT stops adapting to stay inside", 0.0),
     K("TTT_ENABLED", 1, bool, "score-first test-time training (final_ttt)"),
-    K("TTT_CHUNK_TOKENS", 32768, int, "tokens scored, then trained on, per TTT chunk", 2),
+    K("TTT_CHUNK_TOKENS", 32768, int, "tokens scored, then trained on, per TTT chunk; also the tokens per learning rate of phased TTT's global phases", 2),
     K("TTT_EPOCHS", 1, int, "passes over each chunk after scoring it (and over each segment in phased TTT's global phases)", 1),
-    K("TTT_LR", 0.005, float, "chunk TTT's peak learning rate (cosine over chunks); also the SGD rate of phased TTT's global phases", 0.0),
+    K("TTT_LR", 0.005, float, "chunk TTT's peak learning rate (cosine over chunks)", 0.0),
     K("TTT_OPTIMIZER", "sgd", ("sgd", "adamw"), "chunk TTT's optimizer (phased TTT's global phases always use SGD)"),
     K("TTT_MOMENTUM", 0.9, float, "TTT SGD momentum / AdamW beta1; also the momentum of phased TTT's global phases", 0.0),
     K("TTT_GRAD_CLIP", 1.0, float, "TTT gradient-norm clip, chunk TTT and phased TTT's global phases (0: off)", 0.0),
@@ -197,16 +197,19 @@ KNOBS = [
     K("TTT_BATCH_SEQS", 16, int, "sequences per TTT step, all ranks (chunk TTT and phased TTT's global phases)", 1),
     K("PHASED_TTT_ENABLED", 0, bool, "document TTT with fresh LoRA adapters per document (final_phased_ttt, then the run's score)"),
     K("PHASED_TTT_CHUNK_TOKENS", 48, int, "targets of a document scored, then trained on, per adapter step (at most EVAL_SEQ_LEN)", 1),
-    K("PHASED_TTT_LR", 1e-4, float, "AdamW learning rate of the per-document adapters", 0.0),
+    K("PHASED_TTT_LR", 8e-5, float, "AdamW learning rate of the per-document adapters (#2135)", 0.0),
+    K("PHASED_TTT_LOCAL_LR_MULT", 1.0, float, "multiplies every per-document adapter rate (#1953's TTT_LOCAL_LR_MULT 0.75; #2135 has none)", 0.0),
     K("PHASED_TTT_BETA1", 0.0, float, "AdamW beta1 of the per-document adapters", 0.0),
     K("PHASED_TTT_BETA2", 0.99, float, "AdamW beta2 of the per-document adapters", 0.0),
     K("PHASED_TTT_EPS", 1e-10, float, "AdamW epsilon of the per-document adapters", 0.0),
-    K("PHASED_TTT_WD", 0.5, float, "AdamW weight decay of the per-document adapters", 0.0),
-    K("PHASED_TTT_LORA_RANK", 80, int, "rank of the per-document LoRA adapters (q/k/v/o, MLP and lm_head)", 1),
-    K("PHASED_TTT_LORA_ALPHA", 80.0, float, "adapter output scale alpha/rank", 0.0),
+    K("PHASED_TTT_WD", 2.0, float, "AdamW weight decay of the per-document adapters", 0.0),
+    K("PHASED_TTT_LORA_RANK", 80, int, "rank of the per-document LoRA adapters", 1),
+    K("PHASED_TTT_LORA_TARGETS", "q,v,o,mlp,head", str, "matrices given per-document adapters, of q,k,v,o,mlp (fc and proj),head (#2135: no k; #1953: no q,v)"),
+    K("PHASED_TTT_LORA_ALPHA", 144.0, float, "adapter output scale alpha/rank", 0.0),
     K("PHASED_TTT_DOCS_PER_BATCH", 64, int, "documents adapted in parallel, each with its own adapters", 1),
-    K("PHASED_TTT_NUM_PHASES", 0, int, "global phases: SGD (TTT_LR) on all weights over each scored 1/N of the prefix (0: off)", 0),
-    K("PHASED_TTT_PREFIX_DOCS", 2000, int, "leading documents the global phases are spread over", 0),
+    K("PHASED_TTT_NUM_PHASES", 1, int, "global phases: SGD on all weights over each scored 1/N of the prefix (0: off)", 0),
+    K("PHASED_TTT_PREFIX_DOCS", 2500, int, "leading documents the global phases are spread over", 0),
+    K("PHASED_TTT_GLOBAL_LR", 0.001, float, "global phases' SGD peak rate (momentum TTT_MOMENTUM), cosine over the segment's TTT_CHUNK_TOKENS chunks", 0.0),
 ]
 
 
@@ -373,6 +376,9 @@ class Hyperparameters:
         for name in ("ATTN_BITS", "MLP_BITS", "EMBED_BITS", "OTHER_BITS"):
             need(2 <= getattr(self, name.lower()) <= 8, f"{name}={getattr(self, name.lower())}: must be 2..8")
         need(self.warmdown_frac <= 1 and self.min_lr <= 1, "WARMDOWN_FRAC and MIN_LR must be <= 1")
+        targets = self.phased_ttt_lora_targets.split(",")
+        need(set(targets) <= set(ADAPTER_TARGETS) | {"head"} and len(set(targets)) == len(targets),
+             f"PHASED_TTT_LORA_TARGETS={self.phased_ttt_lora_targets!r}: expected distinct names of q,k,v,o,mlp,head")
         need(self.eval_only or self.train_batch_tokens % self.train_seq_len == 0,
              f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
 
@@ -2495,16 +2501,24 @@ def plan_phased_ttt(docs: list[tuple[int, int]], args: Hyperparameters, rt: Runt
 
 
 def attach_document_adapters(model: GPT, args: Hyperparameters) -> list[nn.Parameter]:
-    """Fresh per-document LoRA adapters (one per batch row) on q/k/v/o and both MLP matrices of
-    every block and on the output head, the same on every rank. Returns their parameters."""
+    """Fresh per-document LoRA adapters (one per batch row) on the PHASED_TTT_LORA_TARGETS matrices
+    of every block and on the output head, the same on every rank. Returns their parameters."""
     torch.manual_seed(args.seed)
     rank, rows = args.phased_ttt_lora_rank, args.phased_ttt_docs_per_batch
-    scale = args.phased_ttt_lora_alpha / rank
-    for module in model.blocks.modules():
-        if isinstance(module, CastedLinear):
+    scale, targets = args.phased_ttt_lora_alpha / rank, args.phased_ttt_lora_targets.split(",")
+    for block in model.blocks:
+        for module in (m for name in targets if name != "head" for m in ADAPTER_TARGETS[name](block)):
             module.lora = LoRA(module.weight.size(1), module.weight.size(0), rank, module.weight.device, rows, scale)
-    model.head_lora = LoRA(args.model_dim, args.vocab_size, rank, model.tok_emb.weight.device, rows, scale)
+    if "head" in targets:
+        model.head_lora = LoRA(args.model_dim, args.vocab_size, rank, model.tok_emb.weight.device, rows, scale)
     return [param for module in model.modules() if isinstance(module, LoRA) for param in module.parameters()]
+
+
+# Block matrices that PHASED_TTT_LORA_TARGETS names; "head" is the output head. #2135's o and mlp
+# adapters bypass the whole attention and MLP (block input to sublayer output); ours adapt the
+# matrices themselves.
+ADAPTER_TARGETS = {"q": lambda b: [b.attn.c_q], "k": lambda b: [b.attn.c_k], "v": lambda b: [b.attn.c_v],
+                   "o": lambda b: [b.attn.proj], "mlp": lambda b: [b.mlp.fc, b.mlp.proj]}
 
 
 def detach_document_adapters(model: GPT):
@@ -2555,12 +2569,20 @@ def adapt_document_batch(model: GPT, ev: Evaluator, batch: list, adapters: tuple
 
 
 def train_base_on_segment(model: GPT, ev: Evaluator, segment: list, opt, args: Hyperparameters):
-    """A global phase: SGD on all base weights over a segment of documents every rank has scored."""
+    """A global phase: SGD on all base weights over a segment of documents every rank has scored,
+    chunk by chunk of TTT_CHUNK_TOKENS targets, the rate a cosine from PHASED_TTT_GLOBAL_LR to 0
+    over the chunks as #2135 runs it (so its last chunk, at rate 0, is skipped; one chunk alone
+    gets the peak rate)."""
     base = list(model.parameters())
     for param in base:
         param.requires_grad_(True)
-    for _ in range(args.ttt_epochs):
-        ttt_train_chunk(model, model.token_nll, ev.tokens, segment[0][0] + 1, segment[-1][1], base, opt, args, ev.rt)
+    first, last, size = segment[0][0] + 1, segment[-1][1], args.ttt_chunk_tokens
+    chunks = [(lo, min(lo + size - 1, last)) for lo in range(first, last + 1, size)]
+    for index, (lo, hi) in enumerate(chunks[:-1] or chunks):
+        for group in opt.param_groups:
+            group["lr"] = args.phased_ttt_global_lr * 0.5 * (1 + math.cos(math.pi * index / max(len(chunks) - 1, 1)))
+        for _ in range(args.ttt_epochs):
+            ttt_train_chunk(model, model.token_nll, ev.tokens, lo, hi, base, opt, args, ev.rt)
     for param in base:
         param.requires_grad_(False)
 
@@ -2585,12 +2607,12 @@ def evaluate_phased_ttt(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args:
     base = list(model.parameters())
     for param in base:
         param.requires_grad_(False)
-    base_opt = torch.optim.SGD(base, lr=args.ttt_lr, momentum=args.ttt_momentum)
+    base_opt = torch.optim.SGD(base, lr=args.phased_ttt_global_lr, momentum=args.ttt_momentum)
     done, total, phases_trained = 0, sum(map(len, batch_tokens)), 0
     for phase, (segment, batches) in enumerate(plan):
         adapter_params = attach_document_adapters(model, args)
         adapters = (adapter_params, [param.detach().clone() for param in adapter_params])
-        opt = torch.optim.AdamW(adapter_params, lr=args.phased_ttt_lr, betas=(args.phased_ttt_beta1, args.phased_ttt_beta2),
+        opt = torch.optim.AdamW(adapter_params, lr=args.phased_ttt_lr * args.phased_ttt_local_lr_mult, betas=(args.phased_ttt_beta1, args.phased_ttt_beta2),
                                 eps=args.phased_ttt_eps, weight_decay=args.phased_ttt_wd)
         for index, batch in enumerate(batches):
             adapt_document_batch(model, ev, batch, adapters, opt, args, budget, tokens_after(phase, index), token_losses)
