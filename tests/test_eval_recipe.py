@@ -1,0 +1,46 @@
+"""The frontier's evaluation recipe (issue 20): context past the training length, short-document
+chunks, per-token losses and causality of every evaluation, bounded phased-TTT memory."""
+
+import copy
+import time
+
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import make_args
+from test_export_eval import CPU, naive_window_nll, val_bytes, val_tokens
+
+
+@pytest.mark.parametrize("seq_len,stride", [(160, 64), (192, 96)])  # 2.5x TRAIN_SEQ_LEN=64 (#2135), 3x with half stride (#2014)
+def test_evaluations_past_the_training_length_equal_one_forward_per_window(seq_len, stride):
+    args = make_args(EVAL_SEQ_LEN=seq_len, EVAL_STRIDE=stride, EVAL_BATCH_SEQS=3, TTT_CHUNK_TOKENS=200)
+    assert args.eval_seq_len > args.train_seq_len
+    torch.manual_seed(0)
+    model = tg.GPT(args).eval()
+    tokens = val_tokens(700)
+    for step in (seq_len, stride):
+        windows = tg.plan_windows(1, len(tokens) - 1, seq_len, step)
+        assert max(e - s for s, e, _ in windows) == seq_len
+        r = tg.evaluate(model, tokens, val_bytes(tokens), args, CPU, step)
+        total, count = naive_window_nll(model, tokens, windows)
+        assert r.tokens == count == len(tokens) - 1 and r.nll == pytest.approx(total, rel=1e-5)
+    # chunk TTT scores its first chunk before any update: equal to sliding on those targets
+    first, _ = naive_window_nll(model, tokens, tg.plan_windows(1, 200, seq_len, stride))
+    out = torch.full((len(tokens),), float("nan"), dtype=torch.float64)
+    r = tg.evaluate_ttt(copy.deepcopy(model), tokens, val_bytes(tokens), args, CPU, time.perf_counter(), out)
+    assert r.tokens == len(tokens) - 1 and not out[1:].isnan().any()
+    assert float(out[1:201].sum()) == pytest.approx(first, rel=1e-5)
+
+
+def test_rotary_scores_depend_only_on_relative_position_far_past_training():
+    rot = tg.Rotary(16, 10000.0)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(16, generator=g), torch.randn(16, generator=g)
+    x = torch.zeros(1, 3072, 2, 16)
+    for t, s in ((10, 0), (3071, 3061), (2600, 2590)):
+        x[0, t, 0], x[0, s, 1] = q, k
+    y = rot(x)
+    near = y[0, 10, 0] @ y[0, 0, 1]
+    for t, s in ((3071, 3061), (2600, 2590)):
+        assert float(y[0, t, 0] @ y[0, s, 1]) == pytest.approx(float(near), abs=2e-3)
