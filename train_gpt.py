@@ -197,6 +197,7 @@ KNOBS = [
     K("TTT_BATCH_SEQS", 16, int, "sequences per TTT step, all ranks (chunk TTT and phased TTT's global phases)", 1),
     K("PHASED_TTT_ENABLED", 0, bool, "document TTT with fresh LoRA adapters per document (final_phased_ttt, then the run's score)"),
     K("PHASED_TTT_CHUNK_TOKENS", 48, int, "targets of a document scored, then trained on, per adapter step (at most EVAL_SEQ_LEN)", 1),
+    K("PHASED_TTT_SHORT_CHUNKS", "", str, "LIMIT:TOKENS,...: a batch whose longest document has <= LIMIT targets steps every TOKENS (#2014: 256:8,2000:24)"),
     K("PHASED_TTT_LR", 8e-5, float, "AdamW learning rate of the per-document adapters (#2135)", 0.0),
     K("PHASED_TTT_LOCAL_LR_MULT", 1.0, float, "multiplies every per-document adapter rate (#1953's TTT_LOCAL_LR_MULT 0.75; #2135 has none)", 0.0),
     K("PHASED_TTT_BETA1", 0.0, float, "AdamW beta1 of the per-document adapters", 0.0),
@@ -341,6 +342,10 @@ class Hyperparameters:
         """Derived values, then the consistency checks."""
         self.ve_layer_ids = self.parse_layer_list("VE_LAYERS", self.ve_layers) if self.ve_dim else []
         self.byte_accounting = "luts"  # run() resolves it against the tokenizer and DATA_PATH
+        try:
+            self.short_chunks = sorted(tuple(map(int, pair.split(":"))) for pair in self.phased_ttt_short_chunks.split(",") if pair)
+        except ValueError:
+            raise ConfigError(f"PHASED_TTT_SHORT_CHUNKS={self.phased_ttt_short_chunks!r}: expected LIMIT:TOKENS,...") from None
         self.check()
 
     def artifact_file(self) -> str:
@@ -379,6 +384,7 @@ class Hyperparameters:
         targets = self.phased_ttt_lora_targets.split(",")
         need(set(targets) <= set(ADAPTER_TARGETS) | {"head"} and len(set(targets)) == len(targets),
              f"PHASED_TTT_LORA_TARGETS={self.phased_ttt_lora_targets!r}: expected distinct names of q,k,v,o,mlp,head")
+        need(all(len(p) == 2 and min(p) > 0 for p in self.short_chunks), "PHASED_TTT_SHORT_CHUNKS: expected positive LIMIT:TOKENS pairs")
         need(self.eval_only or self.train_batch_tokens % self.train_seq_len == 0,
              f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
 
@@ -2474,6 +2480,15 @@ def document_forward_tokens(doc: tuple[int, int], chunk_tokens: int, seq_len: in
     return sum(min(seq_len, (chunk + 1) * chunk_tokens) for chunk in range(from_chunk, chunks))
 
 
+def batch_chunk_tokens(batch: list[tuple[int, int]], args: Hyperparameters) -> int:
+    """Targets per adapter step for a batch: by its longest document, the TOKENS of the first
+    PHASED_TTT_SHORT_CHUNKS limit that holds it (#2014: short documents step more often), else
+    PHASED_TTT_CHUNK_TOKENS; at most EVAL_SEQ_LEN."""
+    longest = max(e - s for s, e in batch)
+    tokens = next((tokens for limit, tokens in args.short_chunks if longest <= limit), args.phased_ttt_chunk_tokens)
+    return min(tokens, args.eval_seq_len)
+
+
 def plan_phased_ttt(docs: list[tuple[int, int]], args: Hyperparameters, rt: Runtime) -> list[tuple[list, list]]:
     """Segments (documents, this rank's batches of them): one per global phase, then the rest. In a
     segment, documents of similar length share a batch, longest row first, so rows finish together
@@ -2481,14 +2496,14 @@ def plan_phased_ttt(docs: list[tuple[int, int]], args: Hyperparameters, rt: Runt
     size; each goes to the least loaded rank, costliest first, and a rank alternates its long and
     short batches so that the budget's rates and the ETA see typical batches from the start."""
     seq_len, per_batch = args.eval_seq_len, args.phased_ttt_docs_per_batch
-    chunk_tokens, phases = min(args.phased_ttt_chunk_tokens, seq_len), args.phased_ttt_num_phases
+    phases = args.phased_ttt_num_phases
     prefix = min(args.phased_ttt_prefix_docs, len(docs)) if phases else 0
     bounds = sorted({0, len(docs)} | {prefix * phase // max(phases, 1) for phase in range(1, phases + 1)})
     plan = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         longest_first = sorted(docs[lo:hi], key=lambda doc: doc[0] - doc[1])
         batches = [longest_first[i:i + per_batch] for i in range(0, len(longest_first), per_batch)]
-        cost = [sum(document_forward_tokens(doc, chunk_tokens, seq_len) for doc in batch) for batch in batches]
+        cost = [sum(document_forward_tokens(doc, batch_chunk_tokens(batch, args), seq_len) for doc in batch) for batch in batches]
         load, mine = [0] * rt.world_size, []
         for costliest in sorted(range(len(batches)), key=lambda i: -cost[i]):
             rank = load.index(min(load))
@@ -2528,13 +2543,12 @@ def detach_document_adapters(model: GPT):
     model.head_lora = None
 
 
-def score_then_adapt_chunk(model: GPT, ev: Evaluator, batch: list, chunk: int, adapt: bool, opt, args,
+def score_then_adapt_chunk(model: GPT, ev: Evaluator, batch: list, chunk: int, chunk_tokens: int, adapt: bool, opt, args,
                            budget: TimeBudget, token_losses: Tensor | None):
     """Chunk `chunk` of every document in `batch` that still has one (a prefix of the rows: the
     finished rows are not computed): scored with the adapters as they are and recorded (final),
     then, when adapt, one optimizer step on exactly those targets."""
-    seq_len, chunk_tokens = args.eval_seq_len, min(args.phased_ttt_chunk_tokens, args.eval_seq_len)
-    chunk_end = (chunk + 1) * chunk_tokens
+    seq_len, chunk_end = args.eval_seq_len, (chunk + 1) * chunk_tokens
     windows = [(start + max(0, min(chunk_end, end - start) - seq_len), start + min(chunk_end, end - start),
                 start + chunk * chunk_tokens + 1) for start, end in batch if end - start > chunk * chunk_tokens]
     forwarded = len(windows) * min(seq_len, chunk_end)
@@ -2558,14 +2572,14 @@ def adapt_document_batch(model: GPT, ev: Evaluator, batch: list, adapters: tuple
     for param, initial in zip(*adapters):
         param.data.copy_(initial)
     opt.state.clear()
-    seq_len, chunk_tokens = args.eval_seq_len, min(args.phased_ttt_chunk_tokens, args.eval_seq_len)
+    seq_len, chunk_tokens = args.eval_seq_len, batch_chunk_tokens(batch, args)
     chunks = -(-(batch[0][1] - batch[0][0]) // chunk_tokens)
     for chunk in range(chunks):
         batch_left = sum(document_forward_tokens(doc, chunk_tokens, seq_len, chunk) for doc in batch)
         this_chunk = batch_left - sum(document_forward_tokens(doc, chunk_tokens, seq_len, chunk + 1) for doc in batch)
         need = budget.seconds("score", later_tokens + batch_left) + budget.seconds("adapt", this_chunk)
         adapt = chunk < chunks - 1 and budget.allows(need, f"chunk:{chunk}", all_ranks=False)
-        score_then_adapt_chunk(model, ev, batch, chunk, adapt, opt, args, budget, token_losses)
+        score_then_adapt_chunk(model, ev, batch, chunk, chunk_tokens, adapt, opt, args, budget, token_losses)
 
 
 def train_base_on_segment(model: GPT, ev: Evaluator, segment: list, opt, args: Hyperparameters):
@@ -2601,7 +2615,7 @@ def evaluate_phased_ttt(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args:
     docs = document_spans(val_tokens)
     plan = plan_phased_ttt(docs, args, rt)
     chunk_tokens = min(args.phased_ttt_chunk_tokens, args.eval_seq_len)
-    batch_tokens = [[sum(document_forward_tokens(doc, chunk_tokens, args.eval_seq_len) for doc in batch) for batch in batches]
+    batch_tokens = [[sum(document_forward_tokens(doc, batch_chunk_tokens(batch, args), args.eval_seq_len) for doc in batch) for batch in batches]
                     for _, batches in plan]
     tokens_after = lambda segment, batch: sum(batch_tokens[segment][batch + 1:]) + sum(map(sum, batch_tokens[segment + 1:]))
     base = list(model.parameters())

@@ -44,3 +44,27 @@ def test_rotary_scores_depend_only_on_relative_position_far_past_training():
     near = y[0, 10, 0] @ y[0, 0, 1]
     for t, s in ((3071, 3061), (2600, 2590)):
         assert float(y[0, t, 0] @ y[0, s, 1]) == pytest.approx(float(near), abs=2e-3)
+
+
+def test_short_documents_take_the_chunk_of_the_first_limit_that_holds_their_batch():
+    args = make_args(PHASED_TTT_SHORT_CHUNKS="2000:24,256:8", PHASED_TTT_CHUNK_TOKENS=48, EVAL_SEQ_LEN=2560)
+    chunk = lambda *lengths: tg.batch_chunk_tokens([(0, n) for n in lengths], args)
+    assert (chunk(100), chunk(256, 3), chunk(257), chunk(2000, 1), chunk(2001, 5)) == (8, 8, 24, 24, 48)
+    assert tg.batch_chunk_tokens([(0, 100)], make_args(PHASED_TTT_SHORT_CHUNKS="256:80", EVAL_SEQ_LEN=32)) == 32
+    assert tg.batch_chunk_tokens([(0, 100)], make_args(PHASED_TTT_CHUNK_TOKENS=48)) == 48  # off by default (#2135)
+    for bad in ("256-8", "256:8:1", "0:8", "a:b"):
+        with pytest.raises(tg.ConfigError, match="PHASED_TTT_SHORT_CHUNKS"):
+            make_args(PHASED_TTT_SHORT_CHUNKS=bad)
+
+
+def test_short_document_batches_are_scored_and_stepped_in_their_own_chunks(monkeypatch):
+    from test_phased_ttt import setup, stream
+    args, model = setup(PHASED_TTT_DOCS_PER_BATCH=3, PHASED_TTT_SHORT_CHUNKS="10:4,50:8")
+    shapes, nll = [], model.token_nll
+    monkeypatch.setattr(model, "token_nll", lambda x, y: shapes.append(tuple(x.shape)) or nll(x, y))
+    tokens = stream([100, 20, 10])  # documents of 5, 101, 21 and 11 targets
+    out = torch.full((len(tokens),), float("nan"), dtype=torch.float64)
+    r = tg.evaluate_phased_ttt(model, tokens, val_bytes(tokens), args, CPU, time.perf_counter(), out)
+    # batch (101, 21, 11): longest > 50, 16-token chunks as before; batch (5,): 4-token chunks
+    assert shapes == [(3, 16), (2, 32)] + [(1, 48)] * 5 + [(1, 4), (1, 8)]
+    assert r.tokens == len(tokens) - 1 and not out[1:].isnan().any()
