@@ -183,6 +183,7 @@ KNOBS = [
     K("EVAL_SEQ_LEN", 0, int, "evaluation window length (0: TRAIN_SEQ_LEN)", 0),
     K("EVAL_STRIDE", 64, int, "stride of final_sliding's windows and of chunk TTT's scoring windows (0: no final_sliding; TTT then scores whole windows)", 0),
     K("EVAL_BATCH_SEQS", 32, int, "windows per evaluation forward per rank (capped by VAL_BATCH_SIZE)", 1),
+    K("EVAL_TOKEN_LOSSES", 0, bool, "write each final evaluation's loss per validation target (float32, in order) to logs/<RUN_ID>.<label>.f32"),
     K("EVAL_MAX_SECONDS", 600.0, float, "time for everything after training; TTT stops adapting to stay inside", 0.0),
     K("TTT_ENABLED", 1, bool, "score-first test-time training (final_ttt)"),
     K("TTT_CHUNK_TOKENS", 32768, int, "tokens scored, then trained on, per TTT chunk; also the tokens per learning rate of phased TTT's global phases", 2),
@@ -2338,7 +2339,7 @@ class Evaluator:
         self.totals += torch.stack([nll[mask].sum(), mask.sum().double(), nbytes[mask].sum().double()])
         if token_losses is not None:
             rows, cols = mask.nonzero(as_tuple=True)
-            token_losses[(starts[rows] + cols + 1).cpu()] = nll[rows, cols].cpu()
+            token_losses[(starts[rows] + cols + 1).cpu()] = nll[rows, cols].cpu().to(token_losses.dtype)
 
     def result(self, t0: float) -> EvalResult:
         totals = self.rt.all_reduce(self.totals.clone())
@@ -2358,12 +2359,12 @@ def eval_batch_seqs(args: Hyperparameters, rt: Runtime) -> int:
 
 
 def evaluate(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args: Hyperparameters, rt: Runtime, stride: int,
-             label: str = "") -> EvalResult:
+             label: str = "", token_losses: Tensor | None = None) -> EvalResult:
     """Standard (stride == EVAL_SEQ_LEN) or sliding-window evaluation of the whole stream."""
     t0 = time.perf_counter()
     model.eval()
     ev = Evaluator(model, val_tokens, val_bytes, args, rt)
-    ev.score(plan_windows(1, val_tokens.numel() - 1, args.eval_seq_len, stride), eval_batch_seqs(args, rt), label)
+    ev.score(plan_windows(1, val_tokens.numel() - 1, args.eval_seq_len, stride), eval_batch_seqs(args, rt), label, token_losses)
     model.train()
     return ev.result(t0)
 
@@ -2647,24 +2648,34 @@ def evaluate_phased_ttt(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args:
     return ev.result(t0)
 
 
+def logged_evaluation(label: str, evaluation, val_tokens: Tensor, args: Hyperparameters, rt: Runtime) -> EvalResult:
+    """evaluation(token_losses) logged under label; with EVAL_TOKEN_LOSSES its loss per target is
+    gathered from all ranks (each target is scored on exactly one, the others hold 0) and written
+    beside the log as float32, target 1 first."""
+    losses = torch.zeros(val_tokens.numel()) if args.eval_token_losses else None
+    result = evaluation(losses)
+    rt.log(result.line(label))
+    if losses is not None:
+        losses = rt.all_reduce(losses.to(rt.device)).cpu()
+        if rt.log_path:
+            losses[1:].numpy().tofile(f"{os.path.splitext(rt.log_path)[0]}.{label}.f32")
+    return result
+
+
 def final_evaluations(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args: Hyperparameters, rt: Runtime, eval_t0: float) -> tuple[str, EvalResult]:
     """final_roundtrip, then final_sliding and final_ttt or final_phased_ttt when enabled; returns the
     last one, the run's score. With phased TTT, chunk TTT is skipped: it would spend the evaluation
     clock that phased TTT needs on a result that is not the score."""
-    L = args.eval_seq_len
-    label, result = "final_roundtrip", evaluate(model, val_tokens, val_bytes, args, rt, L, "roundtrip")
-    rt.log(result.line(label))
+    L, run = args.eval_seq_len, lambda label, evaluation: (label, logged_evaluation(label, evaluation, val_tokens, args, rt))
+    label, result = run("final_roundtrip", lambda out: evaluate(model, val_tokens, val_bytes, args, rt, L, "roundtrip", out))
     if 0 < args.eval_stride < L:
-        label, result = "final_sliding", evaluate(model, val_tokens, val_bytes, args, rt, args.eval_stride, "sliding")
-        rt.log(result.line(label))
+        label, result = run("final_sliding", lambda out: evaluate(model, val_tokens, val_bytes, args, rt, args.eval_stride, "sliding", out))
     if args.phased_ttt_enabled:
         if args.ttt_enabled:
             rt.log("ttt_skipped reason:phased_ttt_enabled")
-        label, result = "final_phased_ttt", evaluate_phased_ttt(model, val_tokens, val_bytes, args, rt, eval_t0)
-        rt.log(result.line(label))
+        label, result = run("final_phased_ttt", lambda out: evaluate_phased_ttt(model, val_tokens, val_bytes, args, rt, eval_t0, out))
     elif args.ttt_enabled:
-        label, result = "final_ttt", evaluate_ttt(model, val_tokens, val_bytes, args, rt, eval_t0)
-        rt.log(result.line(label))
+        label, result = run("final_ttt", lambda out: evaluate_ttt(model, val_tokens, val_bytes, args, rt, eval_t0, out))
     return label, result
 
 
@@ -2778,7 +2789,8 @@ def run(args: Hyperparameters, rt: Runtime):
     else:
         model, train_ms = train_and_export(args, rt, backend, code.nbytes, validation, path)
         eval_t0 = time.perf_counter()
-        rt.log(evaluate(model, *validation, args, rt, args.eval_seq_len, "prequant").line("final_prequant"))
+        logged_evaluation("final_prequant", lambda out: evaluate(model, *validation, args, rt, args.eval_seq_len, "prequant", out),
+                          validation[0], args, rt)
         del model
     total = evaluate_artifact(args, rt, backend, code.nbytes, validation, path, eval_t0, train_ms)
     if dist.is_initialized():

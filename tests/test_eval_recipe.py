@@ -4,6 +4,7 @@ chunks, per-token losses and causality of every evaluation, bounded phased-TTT m
 import copy
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,3 +69,57 @@ def test_short_document_batches_are_scored_and_stepped_in_their_own_chunks(monke
     # batch (101, 21, 11): longest > 50, 16-token chunks as before; batch (5,): 4-token chunks
     assert shapes == [(3, 16), (2, 32)] + [(1, 48)] * 5 + [(1, 4), (1, 8)]
     assert r.tokens == len(tokens) - 1 and not out[1:].isnan().any()
+
+
+EVALUATIONS = {  # knobs -> the labels final_evaluations writes
+    "chunk_ttt": (dict(TTT_ENABLED=1, TTT_CHUNK_TOKENS=96), ["final_roundtrip", "final_sliding", "final_ttt"]),
+    "phased_ttt": (dict(PHASED_TTT_ENABLED=1, PHASED_TTT_PREFIX_DOCS=3, PHASED_TTT_SHORT_CHUNKS="40:8", TTT_CHUNK_TOKENS=64),
+                   ["final_roundtrip", "final_sliding", "final_phased_ttt"]),
+}
+
+
+def context_model(args):
+    """A seeded model whose zero-initialised projections are made nonzero, so that every loss
+    depends on the whole context the model sees, not just the previous token."""
+    torch.manual_seed(0)
+    model = tg.GPT(args)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param), alpha=0.1)
+    return model
+
+
+def token_loss_files(tmp_path, name, tokens, knobs):
+    """{label: per-target losses} that final_evaluations writes with EVAL_TOKEN_LOSSES=1."""
+    args = make_args(EVAL_TOKEN_LOSSES=1, EVAL_SEQ_LEN=48, EVAL_STRIDE=16, PHASED_TTT_CHUNK_TOKENS=16,
+                     PHASED_TTT_DOCS_PER_BATCH=3, PHASED_TTT_LR=0.01, PHASED_TTT_GLOBAL_LR=0.05, TTT_LR=0.05, **knobs)
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False, False, str(tmp_path / f"{name}.txt"))
+    tg.final_evaluations(context_model(args), tokens, val_bytes(tokens), args, rt, time.perf_counter())
+    return {f.name.split(".")[1]: torch.from_numpy(np.fromfile(f, dtype=np.float32)) for f in tmp_path.glob(f"{name}.*.f32")}
+
+
+@pytest.mark.parametrize("recipe", EVALUATIONS)
+def test_token_losses_are_written_per_target_and_no_evaluation_looks_ahead(tmp_path, recipe):
+    """Changing the tokens from position u on never changes the loss of any target t < u, in every
+    evaluation (as the files written with EVAL_TOKEN_LOSSES show), for cuts inside a document and
+    inside the phased prefix; and it does change later losses. (test_phased_ttt also merges all
+    later documents into one.) The loss at t itself is of the token at t, so it may change."""
+    knobs, labels = EVALUATIONS[recipe]
+    tokens = val_tokens(400)
+    ref = token_loss_files(tmp_path, "ref", tokens, knobs)
+    assert sorted(ref) == sorted(labels)
+    for label in labels:
+        assert ref[label].shape == (len(tokens) - 1,) and (ref[label] > 0).all()  # every target, in order
+    args = make_args(EVAL_SEQ_LEN=48)
+    total = tg.evaluate(context_model(args), tokens, val_bytes(tokens), args, CPU, 48)
+    assert not torch.allclose(ref["final_roundtrip"], ref["final_sliding"])  # context matters
+    for u in (97, 150, 333):
+        # new tokens, documents where they were: the same batches and shapes, so rounding is the same
+        noise = torch.randint(2, 512, (len(tokens) - u,), generator=torch.Generator().manual_seed(u))
+        later = torch.where(tokens[u:] == tg.BOS_ID, tokens[u:], noise)
+        (tmp_path / str(u)).mkdir()
+        out = token_loss_files(tmp_path / str(u), "cut", torch.cat([tokens[:u], later]), knobs)
+        for label in labels:  # entry i is target i + 1
+            torch.testing.assert_close(out[label][:u - 1], ref[label][:u - 1], rtol=0, atol=1e-6)
+            assert not torch.allclose(out[label][u - 1:], ref[label][u - 1:])
+    assert float(ref["final_roundtrip"].double().sum()) == pytest.approx(total.nll, rel=1e-5)

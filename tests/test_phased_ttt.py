@@ -189,7 +189,7 @@ def test_lora_targets_choose_the_adapted_matrices():
 
 
 def test_lora_targets_change_the_result():
-    tokens = stream(LENGTHS)
+    tokens = stream([40, 17, 100])
     args, model = setup()
     ref, _ = run(model, args, tokens)
     other, _ = run(model, setup(PHASED_TTT_LORA_TARGETS="k")[0], tokens)
@@ -197,7 +197,7 @@ def test_lora_targets_change_the_result():
 
 
 def test_local_lr_mult_scales_the_adapters_rate():
-    tokens = stream(LENGTHS)
+    tokens = stream([40, 17, 100])
     args, model = setup(PHASED_TTT_LR=0.02, PHASED_TTT_LOCAL_LR_MULT=0.5)
     _, scaled = run(model, args, tokens)
     _, plain = run(model, setup(PHASED_TTT_LR=0.01)[0], tokens)
