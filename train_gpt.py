@@ -29,10 +29,14 @@ import numpy as np
 import sentencepiece as spm
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 BOS_ID = 1
+# Rows of logits computed at once by GPT.token_nll: 8192 x vocab 8192 x 4 B = 268 MB of fp32 logits
+# (a few copies with softcap and softmax), whatever the batch.
+LOSS_CHUNK_TOKENS = 8192
 SHARD_MAGIC = 20240520
 VAL_BYTES_MAGIC = 20240522  # data/convert_text.py --caseops sidecars; published ones reuse SHARD_MAGIC
 SHARD_VERSION = 1
@@ -209,6 +213,7 @@ KNOBS = [
     K("PHASED_TTT_LORA_TARGETS", "q,v,o,mlp,head", str, "matrices given per-document adapters, of q,k,v,o,mlp (fc and proj),head (#2135: no k; #1953: no q,v)"),
     K("PHASED_TTT_LORA_ALPHA", 144.0, float, "adapter output scale alpha/rank", 0.0),
     K("PHASED_TTT_DOCS_PER_BATCH", 64, int, "documents adapted in parallel, each with its own adapters", 1),
+    K("PHASED_TTT_FORWARD_ROWS", 0, int, "documents per forward of a batch (0: all on CPU; on CUDA as many as 80% of free memory holds)", 0),
     K("PHASED_TTT_NUM_PHASES", 1, int, "global phases: SGD on all weights over each scored 1/N of the prefix (0: off)", 0),
     K("PHASED_TTT_PREFIX_DOCS", 2500, int, "leading documents the global phases are spread over", 0),
     K("PHASED_TTT_GLOBAL_LR", 0.001, float, "global phases' SGD peak rate (momentum TTT_MOMENTUM), cosine over the segment's TTT_CHUNK_TOKENS chunks", 0.0),
@@ -899,7 +904,7 @@ class LoRA(nn.Module):
     """Low-rank adapter added to a linear map during test-time training, its output scaled by
     `scale` (alpha/rank). With batch > 0 every row of the input batch has its own adapter: A (batch,
     rank, in), B (batch, out, rank), all rows starting equal, so a row's result does not depend on
-    its position in the batch; an input of n < batch rows uses the first n adapters."""
+    its position in the batch; an input of n < batch rows uses adapters first..first+n-1."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, device, batch: int = 0, scale: float = 1.0):
         super().__init__()
@@ -907,10 +912,11 @@ class LoRA(nn.Module):
         a = torch.randn(rank, in_features, device=device) / math.sqrt(in_features)
         self.a = nn.Parameter(a.repeat(*lead, 1, 1))
         self.b = nn.Parameter(torch.zeros(*lead, out_features, rank, device=device))
-        self.scale = scale
+        self.scale, self.first = scale, 0
 
     def forward(self, x: Tensor) -> Tensor:
-        a, b = (self.a, self.b) if self.a.dim() == 2 else (self.a[:x.size(0)], self.b[:x.size(0)])
+        rows = slice(self.first, self.first + x.size(0))
+        a, b = (self.a, self.b) if self.a.dim() == 2 else (self.a[rows], self.b[rows])
         return x @ a.mT.to(x.dtype) @ (b.mT * self.scale).to(x.dtype)
 
 
@@ -1179,10 +1185,21 @@ class GPT(nn.Module):
         logits = self.logits(self.hidden(ids))
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
+    def chunk_nll(self, h: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(self.logits(h).flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+
     def token_nll(self, ids: Tensor, targets: Tensor) -> Tensor:
-        """Per-token negative log-likelihood (B, T) in fp32."""
-        logits = self.logits(self.hidden(ids))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view(targets.shape)
+        """Per-token negative log-likelihood (B, T) in fp32, its logits computed for a slice of
+        positions of all rows at a time, about LOSS_CHUNK_TOKENS rows of logits: no (B, T, vocab)
+        fp32 tensor exists (rows stay whole for per-row head adapters). With grad each slice is
+        checkpointed, so backward keeps the hidden states and recomputes one slice's logits at a time."""
+        h, step = self.hidden(ids), max(1, LOSS_CHUNK_TOKENS // ids.size(0))
+        chunks = [(h[:, i:i + step], targets[:, i:i + step]) for i in range(0, ids.size(1), step)]
+        if torch.is_grad_enabled():
+            nll = [torch.utils.checkpoint.checkpoint(self.chunk_nll, hc, yc, use_reentrant=False) for hc, yc in chunks]
+        else:
+            nll = [self.chunk_nll(hc, yc) for hc, yc in chunks]
+        return torch.cat(nll, dim=1)
 
 
 # -----------------------------------------------------------------------------
@@ -2544,23 +2561,50 @@ def detach_document_adapters(model: GPT):
     model.head_lora = None
 
 
+# Saved activations per token and layer pass per model dim of a forward with grad and adapters on
+# every matrix: issue 23 measured 573 KB per token at 17 passes x 512 (66 B), fp32 on CPU (bf16 on
+# CUDA keeps less). At 2560-token windows of the record shape a row keeps ~1.5 GB: an 80 GB H100
+# with ~75 GB free runs 0.8 * 75 / 1.5 = 40 rows per forward, so 64 documents take two forwards,
+# and the logits add at most a few LOSS_CHUNK_TOKENS chunks (~1 GB) on top.
+ACTIVATION_BYTES = 66
+
+
+def forward_rows(model: GPT, args: Hyperparameters, rt: Runtime, window: int) -> int:
+    """Documents per forward with grad: PHASED_TTT_FORWARD_ROWS, else all of a batch on CPU, else
+    as many as 80% of the CUDA memory that is free (to the device or in torch's cache) holds."""
+    if args.phased_ttt_forward_rows or rt.device.type != "cuda":
+        return args.phased_ttt_forward_rows or args.phased_ttt_docs_per_batch
+    free = torch.cuda.mem_get_info(rt.device)[0] + torch.cuda.memory_reserved(rt.device) - torch.cuda.memory_allocated(rt.device)
+    return max(1, int(0.8 * free) // (window * len(model.layer_order()) * args.model_dim * ACTIVATION_BYTES))
+
+
 def score_then_adapt_chunk(model: GPT, ev: Evaluator, batch: list, chunk: int, chunk_tokens: int, adapt: bool, opt, args,
                            budget: TimeBudget, token_losses: Tensor | None):
     """Chunk `chunk` of every document in `batch` that still has one (a prefix of the rows: the
     finished rows are not computed): scored with the adapters as they are and recorded (final),
-    then, when adapt, one optimizer step on exactly those targets."""
+    then, when adapt, one optimizer step on exactly those targets. The rows run forward_rows at a
+    time, each group's backward right after its forward, so at most one group's activations live;
+    a row's gradient reaches only its own adapters, so the step is the one of a single forward."""
     seq_len, chunk_end = args.eval_seq_len, (chunk + 1) * chunk_tokens
     windows = [(start + max(0, min(chunk_end, end - start) - seq_len), start + min(chunk_end, end - start),
                 start + chunk * chunk_tokens + 1) for start, end in batch if end - start > chunk * chunk_tokens]
-    forwarded = len(windows) * min(seq_len, chunk_end)
-    with budget.timed("score", None, forwarded):
-        inputs, targets, mask = ev.batch(windows, min(seq_len, chunk_end))
-        with torch.set_grad_enabled(adapt), ev.rt.autocast_ctx():
-            nll = model.token_nll(inputs, targets)
-        ev.record(windows, inputs, targets, mask, nll.detach().double(), token_losses)
+    window = min(seq_len, chunk_end)
+    group = forward_rows(model, args, ev.rt, window) if adapt else len(windows)
+    for first in range(0, len(windows), group):
+        for module in model.modules():
+            if isinstance(module, LoRA):
+                module.first = first
+        rows = windows[first:first + group]
+        with budget.timed("score", None, len(rows) * window):
+            inputs, targets, mask = ev.batch(rows, window)
+            with torch.set_grad_enabled(adapt), ev.rt.autocast_ctx():
+                nll = model.token_nll(inputs, targets)
+            ev.record(rows, inputs, targets, mask, nll.detach().double(), token_losses)
+        if adapt:
+            with budget.timed("adapt", None, len(rows) * window):
+                (nll[mask].sum() / chunk_tokens).backward()  # only this chunk's targets, all scored above
     if adapt:
-        with budget.timed("adapt", None, forwarded):
-            (nll[mask].sum() / chunk_tokens).backward()  # only this chunk's targets, all scored above
+        with budget.timed("adapt", None, 0):
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -2614,7 +2658,7 @@ def evaluate_phased_ttt(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args:
     ev = Evaluator(model, val_tokens, val_bytes, args, rt)
     budget = eval_budget(rt, eval_t0, args, "phased_ttt")
     docs = document_spans(val_tokens)
-    plan = plan_phased_ttt(docs, args, rt)
+    plan, rows = plan_phased_ttt(docs, args, rt), forward_rows(model, args, rt, args.eval_seq_len)
     chunk_tokens = min(args.phased_ttt_chunk_tokens, args.eval_seq_len)
     batch_tokens = [[sum(document_forward_tokens(doc, batch_chunk_tokens(batch, args), args.eval_seq_len) for doc in batch) for batch in batches]
                     for _, batches in plan]
@@ -2644,7 +2688,8 @@ def evaluate_phased_ttt(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args:
             with budget.timed("base", None, segment_tokens):
                 train_base_on_segment(model, ev, segment, base_opt, args)
             phases_trained += 1
-    rt.log(f"phased_ttt docs:{len(docs)} chunk_tokens:{chunk_tokens} global_phases_trained:{phases_trained}")
+    rt.log(f"phased_ttt docs:{len(docs)} chunk_tokens:{chunk_tokens} global_phases_trained:{phases_trained} "
+           f"forward_rows:{rows} peak_mem_mib:{peak_memory_mib(rt):.0f}")
     return ev.result(t0)
 
 

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train_gpt as tg
 from conftest import make_args
@@ -123,3 +124,57 @@ def test_token_losses_are_written_per_target_and_no_evaluation_looks_ahead(tmp_p
             torch.testing.assert_close(out[label][:u - 1], ref[label][:u - 1], rtol=0, atol=1e-6)
             assert not torch.allclose(out[label][u - 1:], ref[label][u - 1:])
     assert float(ref["final_roundtrip"].double().sum()) == pytest.approx(total.nll, rel=1e-5)
+
+
+def test_chunked_loss_equals_the_unchunked_loss_and_its_gradients(monkeypatch):
+    args = make_args(LOGIT_SOFTCAP=30)
+    model = context_model(args)
+    g = torch.Generator().manual_seed(0)
+    ids, targets = torch.randint(0, 512, (3, 52), generator=g), torch.randint(0, 512, (3, 52), generator=g)
+    logits = model.logits(model.hidden(ids))  # the whole (B, T, vocab) at once
+    full = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(3, 52)
+    full.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    monkeypatch.setattr(tg, "LOSS_CHUNK_TOKENS", 16)  # 3 rows x 5 positions a slice: 10 and a ragged one
+    shapes, logits_fn = [], model.logits
+    monkeypatch.setattr(model, "logits", lambda h: shapes.append(tuple(h.shape)) or logits_fn(h))
+    chunked = model.token_nll(ids, targets)
+    assert shapes == [(3, 5, 32)] * 10 + [(3, 2, 32)]  # never more than 16 rows of logits
+    torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-6)
+    chunked.sum().backward()
+    for p, grad in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(model.token_nll(ids, targets), full.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_rows_per_forward_give_the_result_of_one_forward_per_chunk(monkeypatch):
+    from test_phased_ttt import LENGTHS, run, setup, stream
+    tokens = stream(LENGTHS)
+    args, model = setup(PHASED_TTT_NUM_PHASES=0)
+    ref, ref_losses = run(model, args, tokens)
+    args, model = setup(PHASED_TTT_NUM_PHASES=0, PHASED_TTT_FORWARD_ROWS=2)
+    shapes, nll = [], model.token_nll
+    monkeypatch.setattr(model, "token_nll", lambda x, y: shapes.append(tuple(x.shape)) or nll(x, y))
+    losses = torch.full((len(tokens),), float("nan"), dtype=torch.float64)
+    r = tg.evaluate_phased_ttt(model, tokens, val_bytes(tokens), args, CPU, time.perf_counter(), losses)
+    assert shapes[:2] == [(2, 16), (1, 16)]  # the first batch's 3 rows, adapting, in two forwards
+    assert r.tokens == ref.tokens
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6, equal_nan=True)  # rounding of other batch shapes
+
+
+def test_rows_per_forward_on_cuda_follow_free_memory(monkeypatch):
+    args = make_args(MODEL_DIM=512, NUM_HEADS=8, NUM_KV_HEADS=4, NUM_LAYERS=11, LOOP_START=3, LOOP_END=5, NUM_LOOPS=3,
+                     XSA_LAST_N=11, PHASED_TTT_DOCS_PER_BATCH=64)
+    model = tg.GPT(args)
+    model.looping = True
+    assert len(model.layer_order()) == 17  # the record's layer passes
+    rt = tg.Runtime(0, 1, 0, torch.device("cuda"), False, False, None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (75 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 2 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 2**30)
+    per_row = 2560 * 17 * 512 * tg.ACTIVATION_BYTES  # ~1.5 GB at 2560 tokens
+    assert tg.forward_rows(model, args, rt, 2560) == int(0.8 * 76 * 2**30) // per_row == 44
+    assert tg.forward_rows(model, args, tg.Runtime(0, 1, 0, torch.device("cpu"), False, False, None), 2560) == 64
+    assert tg.forward_rows(model, make_args(PHASED_TTT_FORWARD_ROWS=5), rt, 2560) == 5
