@@ -200,7 +200,7 @@ KNOBS = [
     K("TTT_LORA_RANK", 8, int, "rank of TTT LoRA adapters", 1),
     K("TTT_LAST_K", 2, int, "layers trained by TTT_PARAMS=last_k", 1),
     K("TTT_BATCH_SEQS", 16, int, "sequences per TTT step, all ranks (chunk TTT and phased TTT's global phases)", 1),
-    K("PHASED_TTT_ENABLED", 0, bool, "document TTT with fresh LoRA adapters per document (final_phased_ttt, then the run's score)"),
+    K("PHASED_TTT_ENABLED", 1, bool, "document TTT with fresh LoRA adapters per document (final_phased_ttt, then the run's score)"),
     K("PHASED_TTT_CHUNK_TOKENS", 48, int, "targets of a document scored, then trained on, per adapter step (at most EVAL_SEQ_LEN)", 1),
     K("PHASED_TTT_SHORT_CHUNKS", "", str, "LIMIT:TOKENS,...: a batch whose longest document has <= LIMIT targets steps every TOKENS (#2014: 256:8,2000:24)"),
     K("PHASED_TTT_LR", 8e-5, float, "AdamW learning rate of the per-document adapters (#2135)", 0.0),
