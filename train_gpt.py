@@ -190,7 +190,7 @@ KNOBS = [
     K("EVAL_TOKEN_LOSSES", 0, bool, "write each evaluation's loss per target (float32) to logs/<RUN_ID>.<label>.f32"),
     K("EVAL_MAX_SECONDS", 600.0, float, "time for everything after training; TTT stops adapting to stay inside", 0.0),
     K("TTT_ENABLED", 1, bool, "score-first test-time training (final_ttt)"),
-    K("TTT_CHUNK_TOKENS", 32768, int, "tokens scored, then trained on, per TTT chunk (and per global-phase rate)", 2),
+    K("TTT_CHUNK_TOKENS", 32768, int, "tokens scored, then trained on, per TTT chunk", 2),
     K("TTT_EPOCHS", 1, int, "passes over each chunk after scoring it (and over each segment in phased TTT's global phases)", 1),
     K("TTT_LR", 0.005, float, "chunk TTT's peak learning rate (cosine over chunks)", 0.0),
     K("TTT_OPTIMIZER", "sgd", ("sgd", "adamw"), "chunk TTT's optimizer (phased TTT's global phases always use SGD)"),
@@ -216,7 +216,8 @@ KNOBS = [
     K("PHASED_TTT_FORWARD_ROWS", 0, int, "documents per adapting forward (0: all on CPU, from free memory on CUDA)", 0),
     K("PHASED_TTT_NUM_PHASES", 1, int, "global phases: SGD on all weights over each scored 1/N of the prefix (0: off)", 0),
     K("PHASED_TTT_PREFIX_DOCS", 2500, int, "leading documents the global phases are spread over", 0),
-    K("PHASED_TTT_GLOBAL_LR", 0.001, float, "global phases' SGD peak rate, cosine over TTT_CHUNK_TOKENS chunks", 0.0),
+    K("PHASED_TTT_GLOBAL_LR", 0.001, float, "global phases' SGD peak rate, cosine over their chunks", 0.0),
+    K("PHASED_TTT_GLOBAL_CHUNK_TOKENS", 32768, int, "targets per learning rate of the global phases", 1),
 ]
 
 
@@ -2629,13 +2630,13 @@ def adapt_document_batch(model: GPT, ev: Evaluator, batch: list, adapters: tuple
 
 def train_base_on_segment(model: GPT, ev: Evaluator, segment: list, opt, args: Hyperparameters):
     """A global phase: SGD on all base weights over a segment of documents every rank has scored,
-    chunk by chunk of TTT_CHUNK_TOKENS targets, the rate a cosine from PHASED_TTT_GLOBAL_LR to 0
+    chunk by chunk of PHASED_TTT_GLOBAL_CHUNK_TOKENS targets, the rate a cosine from PHASED_TTT_GLOBAL_LR to 0
     over the chunks as #2135 runs it (so its last chunk, at rate 0, is skipped; one chunk alone
     gets the peak rate)."""
     base = list(model.parameters())
     for param in base:
         param.requires_grad_(True)
-    first, last, size = segment[0][0] + 1, segment[-1][1], args.ttt_chunk_tokens
+    first, last, size = segment[0][0] + 1, segment[-1][1], args.phased_ttt_global_chunk_tokens
     chunks = [(lo, min(lo + size - 1, last)) for lo in range(first, last + 1, size)]
     for index, (lo, hi) in enumerate(chunks[:-1] or chunks):
         for group in opt.param_groups:

@@ -74,7 +74,7 @@ def test_short_document_batches_are_scored_and_stepped_in_their_own_chunks(monke
 
 EVALUATIONS = {  # knobs -> the labels final_evaluations writes
     "chunk_ttt": (dict(TTT_ENABLED=1, TTT_CHUNK_TOKENS=96), ["final_roundtrip", "final_sliding", "final_ttt"]),
-    "phased_ttt": (dict(PHASED_TTT_ENABLED=1, PHASED_TTT_PREFIX_DOCS=3, PHASED_TTT_SHORT_CHUNKS="40:8", TTT_CHUNK_TOKENS=64),
+    "phased_ttt": (dict(PHASED_TTT_ENABLED=1, PHASED_TTT_PREFIX_DOCS=3, PHASED_TTT_SHORT_CHUNKS="40:8", PHASED_TTT_GLOBAL_CHUNK_TOKENS=64),
                    ["final_roundtrip", "final_sliding", "final_phased_ttt"]),
 }
 
