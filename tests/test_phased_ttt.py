@@ -157,8 +157,8 @@ def test_default_recipe_beats_the_same_models_sliding_evaluation(autocast, tmp_p
     phase; only the shapes shrunk: 16-token chunks, 48-token windows, a 4-document prefix, 64-token
     global chunks), phased TTT must score better than sliding evaluation of the same model.
     Documents repeat a random 12-token pattern: an untrained model cannot copy it from context,
-    adapters can learn it. Everything is seeded, so the gain (measured 0.0285 nats fp32; 0.0202 with the earlier recipe) is far above
-    the 1e-6 that rounding can move a loss."""
+    adapters can learn it. Everything is seeded, so the gain (measured 0.0285 nats fp32; 0.0202 with
+    the earlier recipe) is far above the 1e-6 that rounding can move a loss."""
     g = torch.Generator().manual_seed(3)
     docs = [torch.cat([torch.tensor([BOS]), torch.randint(2, 512, (12,), generator=g).repeat(8)]) for _ in range(8)]
     tokens = torch.cat(docs + [torch.tensor([BOS])])
