@@ -30,10 +30,14 @@ import numpy as np
 import sentencepiece as spm
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 BOS_ID = 1
+# Rows of logits computed at once by GPT.token_nll: 8192 x vocab 8192 x 4 B = 268 MB of fp32 logits
+# (a few copies with softcap and softmax), whatever the batch.
+LOSS_CHUNK_TOKENS = 8192
 SHARD_MAGIC = 20240520
 VAL_BYTES_MAGIC = 20240522  # data/convert_text.py --caseops sidecars; published ones reuse SHARD_MAGIC
 SHARD_VERSION = 1
@@ -190,11 +194,12 @@ KNOBS = [
     K("EVAL_SEQ_LEN", 0, int, "evaluation window length (0: TRAIN_SEQ_LEN)", 0),
     K("EVAL_STRIDE", 64, int, "stride of final_sliding's windows and of chunk TTT's scoring windows, at most EVAL_SEQ_LEN (0: no final_sliding; TTT then scores whole windows)", 0),
     K("EVAL_BATCH_SEQS", 32, int, "windows per evaluation forward per rank (capped by VAL_BATCH_SIZE)", 1),
+    K("EVAL_TOKEN_LOSSES", 0, bool, "write each evaluation's loss per target (float32) to logs/<RUN_ID>.<label>.f32"),
     K("EVAL_MAX_SECONDS", 600.0, float, "time for everything after training; TTT stops adapting to stay inside", 0.0),
     K("TTT_ENABLED", 1, bool, "score-first test-time training (final_ttt)"),
     K("TTT_CHUNK_TOKENS", 32768, int, "tokens scored, then trained on, per TTT chunk", 2),
     K("TTT_EPOCHS", 1, int, "passes over each chunk after scoring it (and over each segment in phased TTT's global phases)", 1),
-    K("TTT_LR", 0.005, float, "chunk TTT's peak learning rate (cosine over chunks); also the SGD rate of phased TTT's global phases", 0.0),
+    K("TTT_LR", 0.005, float, "chunk TTT's peak learning rate (cosine over chunks)", 0.0),
     K("TTT_OPTIMIZER", "sgd", ("sgd", "adamw"), "chunk TTT's optimizer (phased TTT's global phases always use SGD)"),
     K("TTT_MOMENTUM", 0.9, float, "TTT SGD momentum / AdamW beta1; also the momentum of phased TTT's global phases", 0.0),
     K("TTT_GRAD_CLIP", 1.0, float, "TTT gradient-norm clip, chunk TTT and phased TTT's global phases (0: off)", 0.0),
@@ -202,18 +207,24 @@ KNOBS = [
     K("TTT_LORA_RANK", 8, int, "rank of TTT LoRA adapters", 1),
     K("TTT_LAST_K", 2, int, "layers trained by TTT_PARAMS=last_k", 1),
     K("TTT_BATCH_SEQS", 16, int, "sequences per TTT step, all ranks (chunk TTT and phased TTT's global phases)", 1),
-    K("PHASED_TTT_ENABLED", 0, bool, "document TTT with fresh LoRA adapters per document (final_phased_ttt, then the run's score)"),
+    K("PHASED_TTT_ENABLED", 1, bool, "document TTT with fresh LoRA adapters per document (final_phased_ttt, then the run's score)"),
     K("PHASED_TTT_CHUNK_TOKENS", 48, int, "targets of a document scored, then trained on, per adapter step (at most EVAL_SEQ_LEN)", 1),
-    K("PHASED_TTT_LR", 1e-4, float, "AdamW learning rate of the per-document adapters", 0.0),
+    K("PHASED_TTT_SHORT_CHUNKS", "", str, "LIMIT:TOKENS,...: chunk of batches whose longest document has <= LIMIT targets (#2014: 256:8,2000:24)"),
+    K("PHASED_TTT_LR", 8e-5, float, "AdamW learning rate of the per-document adapters", 0.0),
+    K("PHASED_TTT_LOCAL_LR_MULT", 1.0, float, "factor on PHASED_TTT_LR (#1953: 0.75)", 0.0),
     K("PHASED_TTT_BETA1", 0.0, float, "AdamW beta1 of the per-document adapters", 0.0),
     K("PHASED_TTT_BETA2", 0.99, float, "AdamW beta2 of the per-document adapters", 0.0),
     K("PHASED_TTT_EPS", 1e-10, float, "AdamW epsilon of the per-document adapters", 0.0),
-    K("PHASED_TTT_WD", 0.5, float, "AdamW weight decay of the per-document adapters", 0.0),
-    K("PHASED_TTT_LORA_RANK", 80, int, "rank of the per-document LoRA adapters (q/k/v/o, MLP and lm_head)", 1),
-    K("PHASED_TTT_LORA_ALPHA", 80.0, float, "adapter output scale alpha/rank", 0.0),
+    K("PHASED_TTT_WD", 2.0, float, "AdamW weight decay of the per-document adapters", 0.0),
+    K("PHASED_TTT_LORA_RANK", 80, int, "rank of the per-document LoRA adapters", 1),
+    K("PHASED_TTT_LORA_TARGETS", "q,v,o,mlp,head", str, "adapted matrices, of q,k,v,o,mlp,head (#2135: no k)"),
+    K("PHASED_TTT_LORA_ALPHA", 144.0, float, "adapter output scale alpha/rank", 0.0),
     K("PHASED_TTT_DOCS_PER_BATCH", 64, int, "documents adapted in parallel, each with its own adapters", 1),
-    K("PHASED_TTT_NUM_PHASES", 0, int, "global phases: SGD (TTT_LR) on all weights over each scored 1/N of the prefix (0: off)", 0),
-    K("PHASED_TTT_PREFIX_DOCS", 2000, int, "leading documents the global phases are spread over", 0),
+    K("PHASED_TTT_FORWARD_ROWS", 0, int, "documents per adapting forward (0: all on CPU, from free memory on CUDA)", 0),
+    K("PHASED_TTT_NUM_PHASES", 1, int, "global phases: SGD on all weights over each scored 1/N of the prefix (0: off)", 0),
+    K("PHASED_TTT_PREFIX_DOCS", 2500, int, "leading documents the global phases are spread over", 0),
+    K("PHASED_TTT_GLOBAL_LR", 0.001, float, "global phases' SGD peak rate, cosine over their chunks", 0.0),
+    K("PHASED_TTT_GLOBAL_CHUNK_TOKENS", 32768, int, "targets per learning rate of the global phases", 1),
 ]
 
 
@@ -346,6 +357,10 @@ class Hyperparameters:
         self.ve_layer_ids = self.parse_layer_list("VE_LAYERS", self.ve_layers) if self.ve_dim else []
         self.seq_schedule = self.parse_seq_schedule(self.train_seq_schedule)
         self.byte_accounting = "luts"  # run() resolves it against the tokenizer and DATA_PATH
+        try:
+            self.short_chunks = sorted(tuple(map(int, pair.split(":"))) for pair in self.phased_ttt_short_chunks.split(",") if pair)
+        except ValueError:
+            raise ConfigError(f"PHASED_TTT_SHORT_CHUNKS={self.phased_ttt_short_chunks!r}: expected LIMIT:TOKENS,...") from None
         self.check()
 
     def artifact_file(self) -> str:
@@ -397,6 +412,10 @@ class Hyperparameters:
         need(self.warmdown_frac <= 1 and self.min_lr <= 1, "WARMDOWN_FRAC and MIN_LR must be <= 1")
         # a stride past the window would leave the targets between windows unscored
         need(self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} exceeds EVAL_SEQ_LEN={self.eval_seq_len}")
+        targets = self.phased_ttt_lora_targets.split(",")
+        need(set(targets) <= set(ADAPTER_TARGETS) | {"head"} and len(set(targets)) == len(targets),
+             f"PHASED_TTT_LORA_TARGETS={self.phased_ttt_lora_targets!r}: expected distinct names of q,k,v,o,mlp,head")
+        need(all(len(p) == 2 and min(p) > 0 for p in self.short_chunks), "PHASED_TTT_SHORT_CHUNKS: expected positive LIMIT:TOKENS pairs")
         need(self.eval_only or self.train_batch_tokens % self.train_seq_len == 0,
              f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
 
@@ -964,7 +983,7 @@ class LoRA(nn.Module):
     """Low-rank adapter added to a linear map during test-time training, its output scaled by
     `scale` (alpha/rank). With batch > 0 every row of the input batch has its own adapter: A (batch,
     rank, in), B (batch, out, rank), all rows starting equal, so a row's result does not depend on
-    its position in the batch; an input of n < batch rows uses the first n adapters."""
+    its position in the batch; an input of n < batch rows uses adapters first..first+n-1."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, device, batch: int = 0, scale: float = 1.0):
         super().__init__()
@@ -972,10 +991,11 @@ class LoRA(nn.Module):
         a = torch.randn(rank, in_features, device=device) / math.sqrt(in_features)
         self.a = nn.Parameter(a.repeat(*lead, 1, 1))
         self.b = nn.Parameter(torch.zeros(*lead, out_features, rank, device=device))
-        self.scale = scale
+        self.scale, self.first = scale, 0
 
     def forward(self, x: Tensor) -> Tensor:
-        a, b = (self.a, self.b) if self.a.dim() == 2 else (self.a[:x.size(0)], self.b[:x.size(0)])
+        rows = slice(self.first, self.first + x.size(0))
+        a, b = (self.a, self.b) if self.a.dim() == 2 else (self.a[rows], self.b[rows])
         return x @ a.mT.to(x.dtype) @ (b.mT * self.scale).to(x.dtype)
 
 
@@ -1344,10 +1364,21 @@ class GPT(nn.Module):
         logits = self.logits(self.hidden(ids))
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
+    def chunk_nll(self, h: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(self.logits(h).flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+
     def token_nll(self, ids: Tensor, targets: Tensor) -> Tensor:
-        """Per-token negative log-likelihood (B, T) in fp32."""
-        logits = self.logits(self.hidden(ids))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view(targets.shape)
+        """Per-token negative log-likelihood (B, T) in fp32, its logits computed for a slice of
+        positions of all rows at a time, about LOSS_CHUNK_TOKENS rows of logits: no (B, T, vocab)
+        fp32 tensor exists (rows stay whole for per-row head adapters). With grad each slice is
+        checkpointed, so backward keeps the hidden states and recomputes one slice's logits at a time."""
+        h, step = self.hidden(ids), max(1, LOSS_CHUNK_TOKENS // ids.size(0))
+        chunks = [(h[:, i:i + step], targets[:, i:i + step]) for i in range(0, ids.size(1), step)]
+        if torch.is_grad_enabled():
+            nll = [torch.utils.checkpoint.checkpoint(self.chunk_nll, hc, yc, use_reentrant=False) for hc, yc in chunks]
+        else:
+            nll = [self.chunk_nll(hc, yc) for hc, yc in chunks]
+        return torch.cat(nll, dim=1)
 
 
 # -----------------------------------------------------------------------------
@@ -2618,7 +2649,7 @@ class Evaluator:
         self.totals += torch.stack([(nll * mask).sum(), mask.sum().double(), (nbytes * mask).sum().double()])
         if token_losses is not None:
             rows, cols = mask.nonzero(as_tuple=True)
-            token_losses[(starts[rows] + cols + 1).cpu()] = nll[rows, cols].cpu()
+            token_losses[(starts[rows] + cols + 1).cpu()] = nll[rows, cols].cpu().to(token_losses.dtype)
 
     def result(self, t0: float) -> EvalResult:
         totals = self.rt.all_reduce(self.totals.clone())
@@ -2638,12 +2669,12 @@ def eval_batch_seqs(args: Hyperparameters, rt: Runtime) -> int:
 
 
 def evaluate(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args: Hyperparameters, rt: Runtime, stride: int,
-             label: str = "") -> EvalResult:
+             label: str = "", token_losses: Tensor | None = None) -> EvalResult:
     """Standard (stride == EVAL_SEQ_LEN) or sliding-window evaluation of the whole stream."""
     t0 = time.perf_counter()
     model.eval()
     ev = Evaluator(model, val_tokens, val_bytes, args, rt)
-    ev.score(plan_windows(1, val_tokens.numel() - 1, args.eval_seq_len, stride), eval_batch_seqs(args, rt), label)
+    ev.score(plan_windows(1, val_tokens.numel() - 1, args.eval_seq_len, stride), eval_batch_seqs(args, rt), label, token_losses)
     model.train()
     return ev.result(t0)
 
@@ -2762,6 +2793,15 @@ def document_forward_tokens(doc: tuple[int, int], chunk_tokens: int, seq_len: in
     return sum(min(seq_len, (chunk + 1) * chunk_tokens) for chunk in range(from_chunk, chunks))
 
 
+def batch_chunk_tokens(batch: list[tuple[int, int]], args: Hyperparameters) -> int:
+    """Targets per adapter step for a batch: by its longest document, the TOKENS of the first
+    PHASED_TTT_SHORT_CHUNKS limit that holds it (#2014: short documents step more often), else
+    PHASED_TTT_CHUNK_TOKENS; at most EVAL_SEQ_LEN."""
+    longest = max(e - s for s, e in batch)
+    tokens = next((tokens for limit, tokens in args.short_chunks if longest <= limit), args.phased_ttt_chunk_tokens)
+    return min(tokens, args.eval_seq_len)
+
+
 def plan_phased_ttt(docs: list[tuple[int, int]], args: Hyperparameters, rt: Runtime) -> list[tuple[list, list]]:
     """Segments (documents, this rank's batches of them): one per global phase, then the rest. In a
     segment, documents of similar length share a batch, longest row first, so rows finish together
@@ -2769,14 +2809,14 @@ def plan_phased_ttt(docs: list[tuple[int, int]], args: Hyperparameters, rt: Runt
     size; each goes to the least loaded rank, costliest first, and a rank alternates its long and
     short batches so that the budget's rates and the ETA see typical batches from the start."""
     seq_len, per_batch = args.eval_seq_len, args.phased_ttt_docs_per_batch
-    chunk_tokens, phases = min(args.phased_ttt_chunk_tokens, seq_len), args.phased_ttt_num_phases
+    phases = args.phased_ttt_num_phases
     prefix = min(args.phased_ttt_prefix_docs, len(docs)) if phases else 0
     bounds = sorted({0, len(docs)} | {prefix * phase // max(phases, 1) for phase in range(1, phases + 1)})
     plan = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         longest_first = sorted(docs[lo:hi], key=lambda doc: doc[0] - doc[1])
         batches = [longest_first[i:i + per_batch] for i in range(0, len(longest_first), per_batch)]
-        cost = [sum(document_forward_tokens(doc, chunk_tokens, seq_len) for doc in batch) for batch in batches]
+        cost = [sum(document_forward_tokens(doc, batch_chunk_tokens(batch, args), seq_len) for doc in batch) for batch in batches]
         load, mine = [0] * rt.world_size, []
         for costliest in sorted(range(len(batches)), key=lambda i: -cost[i]):
             rank = load.index(min(load))
@@ -2789,16 +2829,24 @@ def plan_phased_ttt(docs: list[tuple[int, int]], args: Hyperparameters, rt: Runt
 
 
 def attach_document_adapters(model: GPT, args: Hyperparameters) -> list[nn.Parameter]:
-    """Fresh per-document LoRA adapters (one per batch row) on q/k/v/o and both MLP matrices of
-    every block and on the output head, the same on every rank. Returns their parameters."""
+    """Fresh per-document LoRA adapters (one per batch row) on the PHASED_TTT_LORA_TARGETS matrices
+    of every block and on the output head, the same on every rank. Returns their parameters."""
     torch.manual_seed(args.seed)
     rank, rows = args.phased_ttt_lora_rank, args.phased_ttt_docs_per_batch
-    scale = args.phased_ttt_lora_alpha / rank
-    for module in model.blocks.modules():
-        if isinstance(module, CastedLinear):
+    scale, targets = args.phased_ttt_lora_alpha / rank, args.phased_ttt_lora_targets.split(",")
+    for block in model.blocks:
+        for module in (m for name in targets if name != "head" for m in ADAPTER_TARGETS[name](block)):
             module.lora = LoRA(module.weight.size(1), module.weight.size(0), rank, module.weight.device, rows, scale)
-    model.head_lora = LoRA(args.model_dim, args.vocab_size, rank, model.tok_emb.weight.device, rows, scale)
+    if "head" in targets:
+        model.head_lora = LoRA(args.model_dim, args.vocab_size, rank, model.tok_emb.weight.device, rows, scale)
     return [param for module in model.modules() if isinstance(module, LoRA) for param in module.parameters()]
+
+
+# Block matrices that PHASED_TTT_LORA_TARGETS names; "head" is the output head. #2135's o and mlp
+# adapters bypass the whole attention and MLP (block input to sublayer output); ours adapt the
+# matrices themselves.
+ADAPTER_TARGETS = {"q": lambda b: [b.attn.c_q], "k": lambda b: [b.attn.c_k], "v": lambda b: [b.attn.c_v],
+                   "o": lambda b: [b.attn.proj], "mlp": lambda b: [b.mlp.fc, b.mlp.proj]}
 
 
 def detach_document_adapters(model: GPT):
@@ -2808,24 +2856,50 @@ def detach_document_adapters(model: GPT):
     model.head_lora = None
 
 
-def score_then_adapt_chunk(model: GPT, ev: Evaluator, batch: list, chunk: int, adapt: bool, opt, args,
+# Saved activations per token and layer pass per model dim of a forward with grad and adapters on
+# every matrix: issue 23 measured 573 KB per token at 17 passes x 512 (66 B), fp32 on CPU (bf16 on
+# CUDA keeps less). At 2560-token windows of the record shape a row keeps ~1.5 GB: an 80 GB H100
+# with ~75 GB free runs 0.8 * 75 / 1.5 = 40 rows per forward, so 64 documents take two forwards,
+# and the logits add at most a few LOSS_CHUNK_TOKENS chunks (~1 GB) on top.
+ACTIVATION_BYTES = 66
+
+
+def forward_rows(model: GPT, args: Hyperparameters, rt: Runtime, window: int) -> int:
+    """Documents per forward with grad: PHASED_TTT_FORWARD_ROWS, else all of a batch on CPU, else
+    as many as 80% of the CUDA memory that is free (to the device or in torch's cache) holds."""
+    if args.phased_ttt_forward_rows or rt.device.type != "cuda":
+        return args.phased_ttt_forward_rows or args.phased_ttt_docs_per_batch
+    free = torch.cuda.mem_get_info(rt.device)[0] + torch.cuda.memory_reserved(rt.device) - torch.cuda.memory_allocated(rt.device)
+    return max(1, int(0.8 * free) // (window * len(model.layer_order()) * args.model_dim * ACTIVATION_BYTES))
+
+
+def score_then_adapt_chunk(model: GPT, ev: Evaluator, batch: list, chunk: int, chunk_tokens: int, adapt: bool, opt, args,
                            budget: TimeBudget, token_losses: Tensor | None):
     """Chunk `chunk` of every document in `batch` that still has one (a prefix of the rows: the
     finished rows are not computed): scored with the adapters as they are and recorded (final),
-    then, when adapt, one optimizer step on exactly those targets."""
-    seq_len, chunk_tokens = args.eval_seq_len, min(args.phased_ttt_chunk_tokens, args.eval_seq_len)
-    chunk_end = (chunk + 1) * chunk_tokens
+    then, when adapt, one optimizer step on exactly those targets. The rows run forward_rows at a
+    time, each group's backward right after its forward, so at most one group's activations live;
+    a row's gradient reaches only its own adapters, so the step is the one of a single forward."""
+    seq_len, chunk_end = args.eval_seq_len, (chunk + 1) * chunk_tokens
     windows = [(start + max(0, min(chunk_end, end - start) - seq_len), start + min(chunk_end, end - start),
                 start + chunk * chunk_tokens + 1) for start, end in batch if end - start > chunk * chunk_tokens]
-    forwarded = len(windows) * min(seq_len, chunk_end)
-    with budget.timed("score", None, forwarded):
-        inputs, targets, mask, starts = ev.batch(windows, min(seq_len, chunk_end))
-        with torch.set_grad_enabled(adapt), ev.rt.autocast_ctx():
-            nll = model.token_nll(inputs, targets)
-        ev.record(starts, targets, mask, nll.detach().double(), token_losses)
+    window = min(seq_len, chunk_end)
+    group = forward_rows(model, args, ev.rt, window) if adapt else len(windows)
+    for first in range(0, len(windows), group):
+        for module in model.modules():
+            if isinstance(module, LoRA):
+                module.first = first
+        rows = windows[first:first + group]
+        with budget.timed("score", None, len(rows) * window):
+            inputs, targets, mask, starts = ev.batch(rows, window)
+            with torch.set_grad_enabled(adapt), ev.rt.autocast_ctx():
+                nll = model.token_nll(inputs, targets)
+            ev.record(starts, targets, mask, nll.detach().double(), token_losses)
+        if adapt:
+            with budget.timed("adapt", None, len(rows) * window):
+                ((nll * mask).sum() / chunk_tokens).backward()  # only this chunk's targets, all scored above (a mask product: no host sync)
     if adapt:
-        with budget.timed("adapt", None, forwarded):
-            (nll[mask].sum() / chunk_tokens).backward()  # only this chunk's targets, all scored above
+        with budget.timed("adapt", None, 0):
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -2838,23 +2912,31 @@ def adapt_document_batch(model: GPT, ev: Evaluator, batch: list, adapters: tuple
     for param, initial in zip(*adapters):
         param.data.copy_(initial)
     opt.state.clear()
-    seq_len, chunk_tokens = args.eval_seq_len, min(args.phased_ttt_chunk_tokens, args.eval_seq_len)
+    seq_len, chunk_tokens = args.eval_seq_len, batch_chunk_tokens(batch, args)
     chunks = -(-(batch[0][1] - batch[0][0]) // chunk_tokens)
     for chunk in range(chunks):
         batch_left = sum(document_forward_tokens(doc, chunk_tokens, seq_len, chunk) for doc in batch)
         this_chunk = batch_left - sum(document_forward_tokens(doc, chunk_tokens, seq_len, chunk + 1) for doc in batch)
         need = budget.seconds("score", later_tokens + batch_left) + budget.seconds("adapt", this_chunk)
         adapt = chunk < chunks - 1 and budget.allows(need, f"chunk:{chunk}", all_ranks=False)
-        score_then_adapt_chunk(model, ev, batch, chunk, adapt, opt, args, budget, token_losses)
+        score_then_adapt_chunk(model, ev, batch, chunk, chunk_tokens, adapt, opt, args, budget, token_losses)
 
 
 def train_base_on_segment(model: GPT, ev: Evaluator, segment: list, opt, args: Hyperparameters):
-    """A global phase: SGD on all base weights over a segment of documents every rank has scored."""
+    """A global phase: SGD on all base weights over a segment of documents every rank has scored,
+    chunk by chunk of PHASED_TTT_GLOBAL_CHUNK_TOKENS targets, the rate a cosine from PHASED_TTT_GLOBAL_LR to 0
+    over the chunks as #2135 runs it (so its last chunk, at rate 0, is skipped; one chunk alone
+    gets the peak rate)."""
     base = list(model.parameters())
     for param in base:
         param.requires_grad_(True)
-    for _ in range(args.ttt_epochs):
-        ttt_train_chunk(model, model.token_nll, ev.tokens, segment[0][0] + 1, segment[-1][1], base, opt, args, ev.rt)
+    first, last, size = segment[0][0] + 1, segment[-1][1], args.phased_ttt_global_chunk_tokens
+    chunks = [(lo, min(lo + size - 1, last)) for lo in range(first, last + 1, size)]
+    for index, (lo, hi) in enumerate(chunks[:-1] or chunks):
+        for group in opt.param_groups:
+            group["lr"] = args.phased_ttt_global_lr * 0.5 * (1 + math.cos(math.pi * index / max(len(chunks) - 1, 1)))
+        for _ in range(args.ttt_epochs):
+            ttt_train_chunk(model, model.token_nll, ev.tokens, lo, hi, base, opt, args, ev.rt)
     for param in base:
         param.requires_grad_(False)
 
@@ -2871,20 +2953,20 @@ def evaluate_phased_ttt(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args:
     ev = Evaluator(model, val_tokens, val_bytes, args, rt)
     budget = eval_budget(rt, eval_t0, args, "phased_ttt")
     docs = document_spans(val_tokens)
-    plan = plan_phased_ttt(docs, args, rt)
+    plan, rows = plan_phased_ttt(docs, args, rt), forward_rows(model, args, rt, args.eval_seq_len)
     chunk_tokens = min(args.phased_ttt_chunk_tokens, args.eval_seq_len)
-    batch_tokens = [[sum(document_forward_tokens(doc, chunk_tokens, args.eval_seq_len) for doc in batch) for batch in batches]
+    batch_tokens = [[sum(document_forward_tokens(doc, batch_chunk_tokens(batch, args), args.eval_seq_len) for doc in batch) for batch in batches]
                     for _, batches in plan]
     tokens_after = lambda segment, batch: sum(batch_tokens[segment][batch + 1:]) + sum(map(sum, batch_tokens[segment + 1:]))
     base = list(model.parameters())
     for param in base:
         param.requires_grad_(False)
-    base_opt = torch.optim.SGD(base, lr=args.ttt_lr, momentum=args.ttt_momentum)
+    base_opt = torch.optim.SGD(base, lr=args.phased_ttt_global_lr, momentum=args.ttt_momentum)
     done, total, phases_trained = 0, sum(map(len, batch_tokens)), 0
     for phase, (segment, batches) in enumerate(plan):
         adapter_params = attach_document_adapters(model, args)
         adapters = (adapter_params, [param.detach().clone() for param in adapter_params])
-        opt = torch.optim.AdamW(adapter_params, lr=args.phased_ttt_lr, betas=(args.phased_ttt_beta1, args.phased_ttt_beta2),
+        opt = torch.optim.AdamW(adapter_params, lr=args.phased_ttt_lr * args.phased_ttt_local_lr_mult, betas=(args.phased_ttt_beta1, args.phased_ttt_beta2),
                                 eps=args.phased_ttt_eps, weight_decay=args.phased_ttt_wd)
         for index, batch in enumerate(batches):
             adapt_document_batch(model, ev, batch, adapters, opt, args, budget, tokens_after(phase, index), token_losses)
@@ -2901,28 +2983,39 @@ def evaluate_phased_ttt(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args:
             with budget.timed("base", None, segment_tokens):
                 train_base_on_segment(model, ev, segment, base_opt, args)
             phases_trained += 1
-    rt.log(f"phased_ttt docs:{len(docs)} chunk_tokens:{chunk_tokens} global_phases_trained:{phases_trained}")
+    rt.log(f"phased_ttt docs:{len(docs)} chunk_tokens:{chunk_tokens} global_phases_trained:{phases_trained} "
+           f"forward_rows:{rows} peak_mem_mib:{peak_memory_mib(rt):.0f}")
     return ev.result(t0)
+
+
+def logged_evaluation(label: str, evaluation, val_tokens: Tensor, args: Hyperparameters, rt: Runtime) -> EvalResult:
+    """evaluation(token_losses) logged under label; with EVAL_TOKEN_LOSSES its loss per target is
+    gathered from all ranks (each target is scored on exactly one, the others hold 0) and written
+    beside the log as float32, target 1 first."""
+    losses = torch.zeros(val_tokens.numel()) if args.eval_token_losses else None
+    result = evaluation(losses)
+    rt.log(result.line(label))
+    if losses is not None:
+        losses = rt.all_reduce(losses.to(rt.device)).cpu()
+        if rt.log_path:
+            losses[1:].numpy().tofile(f"{os.path.splitext(rt.log_path)[0]}.{label}.f32")
+    return result
 
 
 def final_evaluations(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args: Hyperparameters, rt: Runtime, eval_t0: float) -> tuple[str, EvalResult]:
     """final_roundtrip, then final_sliding and final_ttt or final_phased_ttt when enabled; returns the
     last one, the run's score. With phased TTT, chunk TTT is skipped: it would spend the evaluation
     clock that phased TTT needs on a result that is not the score."""
-    L = args.eval_seq_len
-    label, result = "final_roundtrip", evaluate(model, val_tokens, val_bytes, args, rt, L, "roundtrip")
-    rt.log(result.line(label))
+    L, run = args.eval_seq_len, lambda label, evaluation: (label, logged_evaluation(label, evaluation, val_tokens, args, rt))
+    label, result = run("final_roundtrip", lambda out: evaluate(model, val_tokens, val_bytes, args, rt, L, "roundtrip", out))
     if 0 < args.eval_stride < L:
-        label, result = "final_sliding", evaluate(model, val_tokens, val_bytes, args, rt, args.eval_stride, "sliding")
-        rt.log(result.line(label))
+        label, result = run("final_sliding", lambda out: evaluate(model, val_tokens, val_bytes, args, rt, args.eval_stride, "sliding", out))
     if args.phased_ttt_enabled:
         if args.ttt_enabled:
             rt.log("ttt_skipped reason:phased_ttt_enabled")
-        label, result = "final_phased_ttt", evaluate_phased_ttt(model, val_tokens, val_bytes, args, rt, eval_t0)
-        rt.log(result.line(label))
+        label, result = run("final_phased_ttt", lambda out: evaluate_phased_ttt(model, val_tokens, val_bytes, args, rt, eval_t0, out))
     elif args.ttt_enabled:
-        label, result = "final_ttt", evaluate_ttt(model, val_tokens, val_bytes, args, rt, eval_t0)
-        rt.log(result.line(label))
+        label, result = run("final_ttt", lambda out: evaluate_ttt(model, val_tokens, val_bytes, args, rt, eval_t0, out))
     return label, result
 
 
@@ -3036,7 +3129,8 @@ def run(args: Hyperparameters, rt: Runtime):
     else:
         model, train_ms = train_and_export(args, rt, backend, code.nbytes, validation, path)
         eval_t0 = time.perf_counter()
-        rt.log(evaluate(model, *validation, args, rt, args.eval_seq_len, "prequant").line("final_prequant"))
+        logged_evaluation("final_prequant", lambda out: evaluate(model, *validation, args, rt, args.eval_seq_len, "prequant", out),
+                          validation[0], args, rt)
         del model
     total = evaluate_artifact(args, rt, backend, code.nbytes, validation, path, eval_t0, train_ms)
     if dist.is_initialized():
