@@ -1,0 +1,130 @@
+"""FUSED_KERNELS: the Triton softcapped cross-entropy and LeakyReLU^2 MLP against the eager path,
+forward and backward, fp32 and bf16, with sizes that leave every block's last tile partial. Without
+CUDA they run in Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1); without
+triton they skip."""
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt as tg
+from conftest import make_args
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+
+def test_fused_kernels_choice_is_logged_truthfully(monkeypatch):
+    monkeypatch.setattr(tg.torch.cuda, "is_available", lambda: False)
+    assert tg.fused_kernels_choice("0") == (False, "FUSED_KERNELS=0")
+    monkeypatch.setattr(tg, "triton", None)
+    assert tg.fused_kernels_choice("auto") == (False, "no_triton")
+    with pytest.raises(tg.ConfigError, match="FUSED_KERNELS=1: no_triton"):
+        tg.fused_kernels_choice("1")
+
+
+@needs_triton
+def test_fused_kernels_choice_with_triton(monkeypatch):
+    import triton
+    monkeypatch.setattr(tg.torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert tg.fused_kernels_choice("auto") == (False, "no_cuda")
+    with pytest.raises(tg.ConfigError, match="FUSED_KERNELS=1: no_cuda"):
+        tg.fused_kernels_choice("1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert tg.fused_kernels_choice("auto") == (False, "no_cuda")  # auto never picks the interpreter
+    assert tg.fused_kernels_choice("1") == (True, f"triton_{triton.__version__}_interpreter")
+
+
+def eager_ce(x, t, cap):
+    z = x.float()
+    return F.cross_entropy(cap * torch.tanh(z / cap) if cap else z, t, reduction="none")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cap", [30.0, 0.0])
+def test_softcap_cross_entropy_matches_eager(dtype, cap):
+    torch.manual_seed(0)
+    n, v = 3, 1500  # blocks of 1024 columns: the second is partial
+    x = (torch.randn(n, v, device=DEV) * 25).to(dtype).requires_grad_()
+    t = torch.tensor([0, v - 1, 1030], device=DEV)  # first column, last column, inside the partial block
+    g = torch.randn(n, device=DEV)
+    loss = tg.SoftcapCrossEntropy.apply(x, t, cap)
+    (grad,) = torch.autograd.grad(loss, x, g)
+    ref = eager_ce(x, t, cap)
+    (ref_grad,) = torch.autograd.grad(ref, x, g)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-5)  # bf16: 1 ulp
+    torch.testing.assert_close(grad, ref_grad, **tol)
+
+
+def eager_mlp(x, w1, w2, slope):
+    return F.linear(F.leaky_relu(F.linear(x, w1), slope).square(), w2)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,slope", [(torch.float32, 0.5), (torch.bfloat16, 0.5), (torch.float32, 0.0)])
+def test_leaky_relu2_mlp_matches_eager(dtype, slope):
+    torch.manual_seed(0)
+    m, d, h = 130, 70, 150  # tiles of 128 x 128 x 64: two of each, the last partial, in both passes
+    x = torch.randn(m, d, device=DEV)
+    w1, w2 = torch.randn(h, d, device=DEV) / 8, torch.randn(d, h, device=DEV) / 12
+    g = torch.randn(m, d, device=DEV)
+
+    def run(fn, dt):
+        ins = [a.to(dt).requires_grad_() for a in (x, w1, w2)]
+        y = fn(*ins, slope)
+        return [y, *torch.autograd.grad(y, ins, g.to(dt))]
+
+    truth = run(eager_mlp, torch.float64)
+    fused, eager = run(tg.LeakyReLU2MLP.apply, dtype), run(eager_mlp, dtype)
+    for name, f, e, t in zip(("y", "dx", "dw1", "dw2"), fused, eager, truth):
+        assert f.dtype == dtype, name
+        err, eager_err = (f.double() - t).abs().max(), (e.double() - t).abs().max()
+        # fp32: both near exact; bf16: no worse than eager bf16's own rounding (the fused path rounds less)
+        assert err <= 2 * eager_err + 1e-5 * t.abs().max(), (name, err.item(), eager_err.item())
+
+
+@needs_triton
+def test_model_trains_through_fused_kernels(monkeypatch):
+    calls = []
+    for cls in (tg.SoftcapCrossEntropy, tg.LeakyReLU2MLP):
+        monkeypatch.setattr(cls, "apply", (lambda f: lambda *a: calls.append(f.__self__.__name__) or f(*a))(cls.apply))
+    torch.manual_seed(0)
+    ids = torch.randint(0, 512, (2, 16))
+    losses, grads = [], []
+    for on in ("0", "1"):
+        torch.manual_seed(1)
+        model = tg.GPT(make_args(FUSED_KERNELS=on))
+        for p in model.parameters():  # zero-initialised projections would leave the MLP's gradient 0
+            torch.nn.init.normal_(p, std=0.05)
+        loss = model(ids[:, :-1], ids[:, 1:])
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    # only the FUSED_KERNELS=1 model: its loss once, its MLP at every block applied (loops included)
+    assert calls.count("SoftcapCrossEntropy") == 1 and calls.count("LeakyReLU2MLP") == len(list(model.layer_order())) > 1
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@needs_triton
+def test_fused_kernels_compile_without_graph_breaks():
+    """fullgraph=True fails on a graph break: the custom ops keep the kernels inside one graph."""
+    torch.manual_seed(0)
+    x, t = torch.randn(4, 40, device=DEV, requires_grad=True), torch.randint(0, 40, (4,), device=DEV)
+    w1, w2 = torch.randn(24, 40, device=DEV, requires_grad=True), torch.randn(40, 24, device=DEV, requires_grad=True)
+
+    def step(x, w1, w2):
+        return tg.SoftcapCrossEntropy.apply(tg.LeakyReLU2MLP.apply(x, w1, w2, 0.5), t, 30.0).mean()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got, want = compiled(x, w1, w2), step(x, w1, w2)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, (x, w1, w2)), torch.autograd.grad(want, (x, w1, w2))):
+        torch.testing.assert_close(a, b)
