@@ -89,7 +89,7 @@ KNOBS = [
     K("COMPILE", "auto", ("auto", "0", "1"), "torch.compile (auto: on for CUDA)"),
     K("AUTOCAST", "auto", ("auto", "bf16", "off"), "bf16 autocast (auto: on for CUDA)"),
     K("ATTN_BACKEND", "auto", ("auto", "fa4", "fa3", "fa2", "sdpa"), "attention kernel; an unavailable explicit choice is an error"),
-    K("FUSED_KERNELS", "auto", ("auto", "0", "1"), "Triton softcapped cross-entropy and LeakyReLU^2 MLP (auto: on with CUDA and triton; 1 without them is an error)"),
+    K("FUSED_KERNELS", "auto", ("auto", "0", "1"), "Triton kernels for the softcapped cross-entropy and the LeakyReLU^2 MLP (auto: with CUDA and triton)"),
     # model shape
     K("NUM_LAYERS", 11, int, "transformer blocks", 1),
     K("MODEL_DIM", 512, int, "residual width", 8),
@@ -896,11 +896,12 @@ if triton is not None:
                 s = s * tl.exp(m - mx) + tl.sum(tl.exp(z - mx), 0)
                 m = mx
             else:
-                d = tl.load(g + r) * (tl.exp(z - tl.load(lse + r)) - (c == tr)) * dz
+                d = tl.load(g + r) * (tl.exp(z - tl.load(lse + r)) - (c == tr).to(tl.float32)) * dz
                 tl.store(out + r * V + c, d.to(out.dtype.element_ty), mask=c < V)
         if FWD:
+            zt, _ = _softcap(tl.load(x + tr).to(tl.float32), cap, CAP)
             tl.store(lse + r, m + tl.log(s))
-            tl.store(out + r, m + tl.log(s) - _softcap(tl.load(x + tr).to(tl.float32), cap, CAP)[0])
+            tl.store(out + r, m + tl.log(s) - zt)
 
     @triton.jit
     def _linear_act_kernel(a, b, c, aux, M, N, sam, sak, sbn, sbk, slope, K: tl.constexpr, FWD: tl.constexpr,

@@ -49,7 +49,8 @@ def eager_ce(x, t, cap):
 def test_softcap_cross_entropy_matches_eager(dtype, cap):
     torch.manual_seed(0)
     n, v = 3, 1500  # blocks of 1024 columns: the second is partial
-    x = (torch.randn(n, v, device=DEV) * 25).to(dtype).requires_grad_()
+    scale = torch.tensor([[1.0], [25.0], [4.0]], device=DEV)  # near-linear, saturated, between
+    x = (torch.randn(n, v, device=DEV) * scale).to(dtype).requires_grad_()
     t = torch.tensor([0, v - 1, 1030], device=DEV)  # first column, last column, inside the partial block
     g = torch.randn(n, device=DEV)
     loss = tg.SoftcapCrossEntropy.apply(x, t, cap)
@@ -67,7 +68,8 @@ def eager_mlp(x, w1, w2, slope):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype,slope", [(torch.float32, 0.5), (torch.bfloat16, 0.5), (torch.float32, 0.0)])
+@pytest.mark.parametrize("dtype,slope", [(torch.float32, 0.5), (torch.bfloat16, 0.5),
+                                         pytest.param(torch.float32, 0.0, marks=pytest.mark.slow)])  # 0: relu2
 def test_leaky_relu2_mlp_matches_eager(dtype, slope):
     torch.manual_seed(0)
     m, d, h = 130, 70, 150  # tiles of 128 x 128 x 64: two of each, the last partial, in both passes
