@@ -88,7 +88,7 @@ def test_leaky_relu2_mlp_matches_eager(dtype, slope):
         assert f.dtype == dtype, name
         err, eager_err = (f.double() - t).abs().max(), (e.double() - t).abs().max()
         # fp32: both near exact; bf16: no worse than eager bf16's own rounding (the fused path rounds less)
-        assert err <= 2 * eager_err + 1e-5 * t.abs().max(), (name, err.item(), eager_err.item())
+        assert err <= 3 * eager_err + 1e-5 * t.abs().max(), (name, err.item(), eager_err.item())
 
 
 @needs_triton
