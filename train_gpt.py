@@ -1337,7 +1337,8 @@ class GPT(nn.Module):
     def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
         if self.args.fused_on:
             logits = self.head(self.hidden(ids))
-            return SoftcapCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets.reshape(-1), self.args.logit_softcap).mean()
+            cap = self.args.logit_softcap
+            return SoftcapCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets.reshape(-1), cap).mean()
         logits = self.logits(self.hidden(ids))
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
