@@ -117,16 +117,21 @@ def test_model_trains_through_fused_kernels(monkeypatch):
 @pytest.mark.slow
 @needs_triton
 def test_fused_kernels_compile_without_graph_breaks():
-    """fullgraph=True fails on a graph break: the custom ops keep the kernels inside one graph."""
+    """fullgraph=True fails on a graph break: the custom ops keep the kernels, and MLP.forward's
+    autocast casts, inside one graph."""
     torch.manual_seed(0)
-    x, t = torch.randn(4, 40, device=DEV, requires_grad=True), torch.randint(0, 40, (4,), device=DEV)
-    w1, w2 = torch.randn(24, 40, device=DEV, requires_grad=True), torch.randn(40, 24, device=DEV, requires_grad=True)
+    mlp = tg.MLP(make_args(FUSED_KERNELS="1")).to(DEV)
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 5, mlp.fc.weight.shape[1], device=DEV, requires_grad=True)
+    t = torch.randint(0, x.shape[-1], (10,), device=DEV)
 
-    def step(x, w1, w2):
-        return tg.SoftcapCrossEntropy.apply(tg.LeakyReLU2MLP.apply(x, w1, w2, 0.5), t, 30.0).mean()
+    def step(x):
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            return tg.SoftcapCrossEntropy.apply(mlp(x).view(10, -1), t, 30.0).mean()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    got, want = compiled(x, w1, w2), step(x, w1, w2)
+    got, want = torch.compile(step, fullgraph=True, backend="aot_eager")(x), step(x)
     torch.testing.assert_close(got, want)
-    for a, b in zip(torch.autograd.grad(got, (x, w1, w2)), torch.autograd.grad(want, (x, w1, w2))):
+    params = [x, *mlp.parameters()]
+    for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
         torch.testing.assert_close(a, b)
