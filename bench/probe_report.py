@@ -81,9 +81,10 @@ def report(text: str, full_val_tokens: int) -> tuple[str, dict]:
     put("cuda", env.get("cuda"))
     for knob in ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "TRAIN_SEQ_LEN", "TRAIN_BATCH_TOKENS", "GRAD_ACCUM_STEPS",
                  "ITERATIONS", "WARMUP_STEPS", "COMPILE", "QUANT", "COMPRESSOR", "EVAL_STRIDE", "TTT_ENABLED",
-                 "GPTQ_RESERVE_SECONDS"):
+                 "GPTQ_RESERVE_SECONDS", "FUSED_KERNELS"):
         put(f"config.{knob}", cfg.get(knob))
     put("attention_backend", misc.get("attention_backend"))
+    put("fused_kernels", misc.get("fused_kernels"))  # 1: the Triton CE and MLP ran (FUSED_KERNELS)
     put("model_params", misc.get("model_params"))
 
     # --- training speed

@@ -172,6 +172,7 @@ def test_probe_report_times_phases_and_extrapolates():
         (0.1, "config TRAIN_BATCH_TOKENS:98304 source:env"),
         (0.2, "config GPTQ_RESERVE_SECONDS:8.0 source:default"),
         (1.0, "attention_backend:sdpa"),
+        (1.1, "fused_kernels:1 reason:triton_3.6.0"),
         (2.0, "model_params:35000000 est_artifact_bytes:15900000"),
         (92.0, "warmup steps:20 ms:88500 (compile priming, weights restored)"),
         (92.5, "step:5/100 train_loss:7.0 train_time:500 step_avg:100.00 tok_s:983040"),
@@ -189,6 +190,7 @@ def test_probe_report_times_phases_and_extrapolates():
     text, fig = probe_report.report(log, full_val_tokens=62_021_632)
     fields = dict(line.split("    #")[0].split(": ", 1) for line in text.splitlines() if not line.startswith("#"))
     assert fields["device_name"] == "NVIDIA_H100_80GB_HBM3" and fields["attention_backend"] == "sdpa"
+    assert fields["fused_kernels"] == "1"
     assert fields["steady_ms_per_step"] == "100.000"
     assert fields["train_tokens_per_s"] == "983040.000"
     assert fields["compile_warmup_s"] == "88.500"
