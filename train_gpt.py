@@ -1205,7 +1205,8 @@ class MLP(nn.Module):
         self.fused = args.fused_on
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused and self.fc.lora is None and self.proj.lora is None:
+        # training only: without grad (GPTQ calibration's hooks on fc and proj, evaluation) it stays eager
+        if self.fused and torch.is_grad_enabled() and self.fc.lora is None and self.proj.lora is None:
             dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             w1, w2 = self.fc.qweight().to(dt), self.proj.qweight().to(dt)
             return LeakyReLU2MLP.apply(x.reshape(-1, x.size(-1)).to(dt), w1, w2, self.slope).view(x.shape)

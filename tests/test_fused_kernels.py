@@ -114,6 +114,23 @@ def test_model_trains_through_fused_kernels(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@needs_triton
+def test_gptq_calibration_sees_every_mlp_input_with_fused_kernels():
+    """GPTQ's Hessians come from hooks on fc and proj, which the fused MLP bypasses: without grad
+    (calibration, evaluation) the MLP stays eager, so the Hessians are those of FUSED_KERNELS=0."""
+    ids = torch.randint(0, 512, (2, 16))
+    hess = []
+    for on in ("0", "1"):
+        torch.manual_seed(1)
+        model = tg.GPT(make_args(FUSED_KERNELS=on))
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+        hess.append(tg.collect_hessians(model, [(ids, None)], tg.Runtime(0, 1, 0, torch.device("cpu"), False, False, None)))
+    assert sorted(hess[1]) == sorted(hess[0]) and any(".mlp.fc" in k for k in hess[0])
+    for k in hess[0]:
+        torch.testing.assert_close(hess[1][k], hess[0][k])
+
+
 @pytest.mark.slow
 @needs_triton
 def test_fused_kernels_compile_without_graph_breaks():
