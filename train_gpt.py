@@ -89,7 +89,7 @@ KNOBS = [
     K("COMPILE", "auto", ("auto", "0", "1"), "torch.compile (auto: on for CUDA)"),
     K("AUTOCAST", "auto", ("auto", "bf16", "off"), "bf16 autocast (auto: on for CUDA)"),
     K("ATTN_BACKEND", "auto", ("auto", "fa4", "fa3", "fa2", "sdpa"), "attention kernel; an unavailable explicit choice is an error"),
-    K("FUSED_KERNELS", "auto", ("auto", "0", "1"), "Triton kernels for the softcapped cross-entropy and the LeakyReLU^2 MLP (auto: with CUDA and triton)"),
+    K("FUSED_KERNELS", "auto", ("auto", "0", "1"), "Triton kernels for training's softcapped cross-entropy and LeakyReLU^2 MLP (auto: with CUDA and triton)"),
     # model shape
     K("NUM_LAYERS", 11, int, "transformer blocks", 1),
     K("MODEL_DIM", 512, int, "residual width", 8),
