@@ -34,6 +34,12 @@ import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+try:  # optional: only the fused training kernels (FUSED_KERNELS) need it
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 BOS_ID = 1
 # Rows of logits computed at once by GPT.token_nll: 8192 x vocab 8192 x 4 B = 268 MB of fp32 logits
 # (a few copies with softcap and softmax), whatever the batch.
@@ -88,6 +94,7 @@ KNOBS = [
     K("COMPILE", "auto", ("auto", "0", "1"), "torch.compile (auto: on for CUDA)"),
     K("AUTOCAST", "auto", ("auto", "bf16", "off"), "bf16 autocast (auto: on for CUDA)"),
     K("ATTN_BACKEND", "auto", ("auto", "fa4", "fa3", "fa2", "sdpa"), "attention kernel; an unavailable explicit choice is an error"),
+    K("FUSED_KERNELS", "auto", ("auto", "0", "1"), "Triton kernels for training's softcapped cross-entropy and LeakyReLU^2 MLP (auto: with CUDA and triton)"),
     # model shape
     K("NUM_LAYERS", 11, int, "transformer blocks", 1),
     K("MODEL_DIM", 512, int, "residual width", 8),
@@ -361,6 +368,7 @@ class Hyperparameters:
             self.short_chunks = sorted(tuple(map(int, pair.split(":"))) for pair in self.phased_ttt_short_chunks.split(",") if pair)
         except ValueError:
             raise ConfigError(f"PHASED_TTT_SHORT_CHUNKS={self.phased_ttt_short_chunks!r}: expected LIMIT:TOKENS,...") from None
+        self.fused_on, self.fused_reason = fused_kernels_choice(self.fused_kernels)
         self.check()
 
     def artifact_file(self) -> str:
@@ -933,6 +941,161 @@ def load_validation(args: Hyperparameters, luts) -> tuple[Tensor, Tensor]:
 
 
 # -----------------------------------------------------------------------------
+# FUSED TRITON KERNELS
+# -----------------------------------------------------------------------------
+# FUSED_KERNELS: the softcapped cross-entropy reads the bf16 logits and writes their gradient in
+# bf16 (no fp32 logits or softmax are kept: 3.2 GB each at 98,304 tokens x 8,192 vocab), and the
+# MLP's up-projection applies LeakyReLU^2 (forward) or its derivative (backward) in the matmul's
+# epilogue. Each launch is a custom op, so torch.compile keeps one graph around it.
+
+
+def fused_kernels_choice(requested: str) -> tuple[bool, str]:
+    """(on, reason). auto: on with triton and CUDA; 1 also runs on CPU under TRITON_INTERPRET=1."""
+    if requested == "0":
+        return False, "FUSED_KERNELS=0"
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if triton is None or not (torch.cuda.is_available() or interpret and requested == "1"):
+        why = "no_triton" if triton is None else "no_cuda"
+        if requested == "1":
+            raise ConfigError(f"FUSED_KERNELS=1: {why} (needs triton and CUDA, or TRITON_INTERPRET=1)")
+        return False, why
+    return True, f"triton_{triton.__version__}" + ("_interpreter" if interpret else "")
+
+
+if triton is not None:
+    @triton.jit
+    def _softcap(x, cap, CAP: tl.constexpr):
+        """cap*tanh(x/cap) + cap (a shift the cross-entropy cancels) and its derivative; x and 1 if not CAP."""
+        if CAP:
+            s = tl.sigmoid(x * (2 / cap))
+            z, dz = 2 * cap * s, 4 * s * (1 - s)
+        else:
+            z, dz = x, x * 0 + 1
+        return z, dz
+
+    @triton.jit
+    def _softcap_ce_kernel(x, t, lse, out, g, cap, V: tl.constexpr, B: tl.constexpr, CAP: tl.constexpr,
+                           FWD: tl.constexpr):
+        """One row of logits x per program. FWD: lse and loss = lse - z[target] (out); else the loss
+        gradient g times (softmax - onehot) * dz/dx (out, x's shape and dtype)."""
+        r = tl.program_id(0).to(tl.int64)
+        x += r * V
+        m, s, tr = -float("inf"), 0.0, tl.load(t + r)
+        for i in range(0, V, B):  # V and B constexpr: the interpreter cannot loop to a runtime bound
+            c = i + tl.arange(0, B)
+            z, dz = _softcap(tl.load(x + c, mask=c < V, other=0).to(tl.float32), cap, CAP)
+            if FWD:
+                z = tl.where(c < V, z, -float("inf"))
+                mx = tl.maximum(m, tl.max(z, 0))
+                s = s * tl.exp(m - mx) + tl.sum(tl.exp(z - mx), 0)
+                m = mx
+            else:
+                d = tl.load(g + r) * (tl.exp(z - tl.load(lse + r)) - (c == tr).to(tl.float32)) * dz
+                tl.store(out + r * V + c, d.to(out.dtype.element_ty), mask=c < V)
+        if FWD:
+            zt, _ = _softcap(tl.load(x + tr).to(tl.float32), cap, CAP)
+            tl.store(lse + r, m + tl.log(s))
+            tl.store(out + r, m + tl.log(s) - zt)
+
+    @triton.jit
+    def _linear_act_kernel(a, b, c, aux, M, N, sam, sak, sbn, sbk, slope, K: tl.constexpr, FWD: tl.constexpr,
+                           F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """a @ b.T (M, N) with an epilogue. FWD: c = pre, aux = leaky_relu(pre, slope)^2; else aux holds
+        pre and c = a @ b.T * d(leaky_relu(pre)^2)/d(pre). F32: fp32 tiles (the interpreter's bf16
+        dot multiplies raw bits; bf16 products are exact in fp32, so the sums are the same)."""
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)[:, None]
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)[None, :]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, K, BK):
+            rk = k + tl.arange(0, BK)
+            x = tl.load(a + rm * sam + rk[None, :] * sak, mask=(rm < M) & (rk[None, :] < K), other=0)
+            y = tl.load(b + rn * sbn + rk[:, None] * sbk, mask=(rn < N) & (rk[:, None] < K), other=0)
+            if F32:
+                x, y = x.to(tl.float32), y.to(tl.float32)
+            acc = tl.dot(x, y, acc)
+        o, m = rm * N + rn, (rm < M) & (rn < N)
+        if FWD:
+            h = tl.where(acc > 0, acc, slope * acc)
+            tl.store(c + o, acc.to(c.dtype.element_ty), mask=m)
+            tl.store(aux + o, (h * h).to(aux.dtype.element_ty), mask=m)
+        else:
+            p = tl.load(aux + o, mask=m, other=0).to(tl.float32)
+            tl.store(c + o, (2 * acc * tl.where(p > 0, p, slope * slope * p)).to(c.dtype.element_ty), mask=m)
+
+    def _softcap_ce_launch(x, t, lse, g, cap, fwd):
+        n, v = x.shape
+        out = torch.empty(n, device=x.device) if fwd else torch.empty_like(x)
+        lse = torch.empty(n, device=x.device) if fwd else lse
+        _softcap_ce_kernel[(n,)](x, t, lse, out, g, cap, V=v, B=min(1024, triton.next_power_of_2(v)),
+                                 CAP=cap > 0, FWD=fwd)
+        return out, lse
+
+    def _linear_act_launch(a, b, aux, slope):
+        (M, K), N = a.shape, b.shape[0]
+        c, fwd = a.new_empty(M, N), aux is None
+        aux = a.new_empty(M, N) if fwd else aux
+        _linear_act_kernel[(triton.cdiv(M, 128), triton.cdiv(N, 128))](
+            a, b, c, aux, M, N, *a.stride(), *b.stride(), slope, K=K, FWD=fwd, BM=128, BN=128, BK=64,
+            F32=os.environ.get("TRITON_INTERPRET") == "1", num_warps=8, num_stages=3)
+        return c, aux
+
+    @torch.library.custom_op("pgolf::softcap_ce", mutates_args=())
+    def _softcap_ce_op(x: Tensor, t: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+        return _softcap_ce_launch(x.contiguous(), t.contiguous(), None, None, cap, True)
+
+    @torch.library.custom_op("pgolf::softcap_ce_grad", mutates_args=())
+    def _softcap_ce_grad_op(x: Tensor, t: Tensor, lse: Tensor, g: Tensor, cap: float) -> Tensor:
+        return _softcap_ce_launch(x.contiguous(), t.contiguous(), lse, g.float().contiguous(), cap, False)[0]
+
+    @torch.library.custom_op("pgolf::linear_act", mutates_args=())
+    def _linear_act_op(x: Tensor, w: Tensor, slope: float) -> tuple[Tensor, Tensor]:
+        return _linear_act_launch(x, w, None, slope)
+
+    @torch.library.custom_op("pgolf::linear_act_grad", mutates_args=())
+    def _linear_act_grad_op(g: Tensor, w: Tensor, pre: Tensor, slope: float) -> Tensor:
+        return _linear_act_launch(g, w.t(), pre.contiguous(), slope)[0]
+
+    _softcap_ce_op.register_fake(lambda x, t, cap: (x.new_empty(len(x), dtype=torch.float32),
+                                                     x.new_empty(len(x), dtype=torch.float32)))
+    _softcap_ce_grad_op.register_fake(lambda x, t, lse, g, cap: torch.empty_like(x))
+    _linear_act_op.register_fake(lambda x, w, slope: (x.new_empty(len(x), len(w)), x.new_empty(len(x), len(w))))
+    _linear_act_grad_op.register_fake(lambda g, w, pre, slope: torch.empty_like(pre))
+
+
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy of cap*tanh(x/cap) (x itself when cap is 0) for (N, V) logits x; the
+    gradient comes back in x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, targets: Tensor, cap: float) -> Tensor:
+        loss, lse = torch.ops.pgolf.softcap_ce(x, targets, cap)
+        ctx.save_for_backward(x, targets, lse)
+        ctx.cap = cap
+        return loss
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return torch.ops.pgolf.softcap_ce_grad(*ctx.saved_tensors, g, ctx.cap), None, None
+
+
+class LeakyReLU2MLP(torch.autograd.Function):
+    """leaky_relu(x @ w1.T, slope)^2 @ w2.T for 2-D x, the activation fused into the first matmul."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor, slope: float) -> Tensor:
+        pre, post = torch.ops.pgolf.linear_act(x, w1, slope)
+        ctx.save_for_backward(x, w1, w2, pre, post)
+        ctx.slope = slope
+        return F.linear(post, w2)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, w1, w2, pre, post = ctx.saved_tensors
+        dpre = torch.ops.pgolf.linear_act_grad(g, w2, pre, ctx.slope)
+        return dpre @ w1, dpre.t() @ x, g.t() @ post, None
+
+
+# -----------------------------------------------------------------------------
 # MODEL
 # -----------------------------------------------------------------------------
 
@@ -1205,8 +1368,14 @@ class MLP(nn.Module):
         self.fc = CastedLinear(args.model_dim, hidden)
         self.proj = CastedLinear(hidden, args.model_dim, zero_init=True)
         self.slope = args.mlp_leaky_slope if args.mlp_act == "leaky_relu2" else 0.0
+        self.fused = args.fused_on
 
     def forward(self, x: Tensor) -> Tensor:
+        # training only: without grad (GPTQ calibration's hooks on fc and proj, evaluation) it stays eager
+        if self.fused and torch.is_grad_enabled() and self.fc.lora is None and self.proj.lora is None:
+            dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            w1, w2 = self.fc.qweight().to(dt), self.proj.qweight().to(dt)
+            return LeakyReLU2MLP.apply(x.reshape(-1, x.size(-1)).to(dt), w1, w2, self.slope).view(x.shape)
         h = self.fc(x)
         h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
         return self.proj(h.square())
@@ -1353,14 +1522,22 @@ class GPT(nn.Module):
                 skips.append(x)
         return rms_norm(x if lane1 is None else (x + lane1) / 2)
 
-    def logits(self, h: Tensor) -> Tensor:
+    def head(self, h: Tensor) -> Tensor:
+        """Logits before the softcap, in the matmul's dtype."""
         w = self.tok_emb.qweight() if self.lm_head is None else self.lm_head.qweight()
         logits = F.linear(h, w.to(h.dtype))
-        logits = (logits if self.head_lora is None else logits + self.head_lora(h)).float()
+        return logits if self.head_lora is None else logits + self.head_lora(h)
+
+    def logits(self, h: Tensor) -> Tensor:
+        logits = self.head(h).float()
         cap = self.args.logit_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
 
     def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
+        if self.args.fused_on:
+            logits = self.head(self.hidden(ids))
+            cap = self.args.logit_softcap
+            return SoftcapCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets.reshape(-1), cap).mean()
         logits = self.logits(self.hidden(ids))
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
@@ -3117,6 +3294,7 @@ def run(args: Hyperparameters, rt: Runtime):
     rt.log(f"byte_accounting:{args.byte_accounting} tokenizer:{args.tokenizer_path}")
     backend, reason = select_attention_backend(args.attn_backend, rt.device, rt.autocast, args.doc_mask, rt.log)
     rt.log(f"attention_backend:{backend} reason:{reason}")
+    rt.log(f"fused_kernels:{int(args.fused_on)} reason:{args.fused_reason}")
     try:  # before the first step, so that a bad byte sidecar cannot cost a training run
         validation = load_validation(args, luts)  # (tokens, target bytes), loaded once
     except (OSError, ValueError) as e:

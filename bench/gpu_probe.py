@@ -308,7 +308,7 @@ def report(out: Path, data_note: str, dry_run: bool) -> str:
             f"d={run.config.get('MODEL_DIM')} vocab {run.config.get('VOCAB_SIZE')}, TRAIN_BATCH_TOKENS="
             f"{run.config.get('TRAIN_BATCH_TOKENS')} (one GPU's share of the 8-GPU step).\n\n"
             "| check | measured | target | result |\n|---|---|---|---|\n")
-    row("main run: no crash", f"exit {rc}, backend {backend}, final_result {'yes' if run.final else 'no'}, "
+    row("main run: no crash", f"exit {rc}, backend {backend}, fused_kernels {run.misc.get('fused_kernels', '?')}, final_result {'yes' if run.final else 'no'}, "
         f"errors {len(run.errors)}", "exit 0, a final_result, no error: line", verdict(rc == 0 and run.final is not None and not run.errors))
     found = [p.stem for p in sorted(out.glob("fa_*.log"))]
     for name in found:

@@ -7,6 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+# Without CUDA, Triton kernels (tests/test_fused_kernels.py) run in Triton's interpreter on CPU tensors.
+# triton.jit reads this when a kernel is defined, i.e. when train_gpt is first imported: set it here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import logparse
 

@@ -296,8 +296,8 @@ def test_corrupt_artifacts_give_specific_errors(tmp_path):
 @pytest.mark.slow
 def test_end_to_end_tiny_run_logs_artifact_and_round_trips(tmp_path, tiny_env):
     _, log = run_train(tiny_env, tmp_path)
-    for label in ("step:8/8 train_loss:", "attention_backend:sdpa", "model_params:", "final_prequant ",
-                  "final_roundtrip ", "artifact ", "final_result ", "config NUM_LAYERS:2 source:env"):
+    for label in ("step:8/8 train_loss:", "attention_backend:sdpa", "fused_kernels:0 reason:no_", "model_params:",
+                  "final_prequant ", "final_roundtrip ", "artifact ", "final_result ", "config NUM_LAYERS:2 source:env"):
         assert any(line.startswith(label) for line in log.splitlines()), label
     assert int(log_value(log, "final_roundtrip", "tokens")) == 3000
     pre, post = float(log_value(log, "final_prequant", "val_bpb")), float(log_value(log, "final_roundtrip", "val_bpb"))
