@@ -94,7 +94,7 @@ KNOBS = [
     K("COMPILE", "auto", ("auto", "0", "1"), "torch.compile (auto: on for CUDA)"),
     K("AUTOCAST", "auto", ("auto", "bf16", "off"), "bf16 autocast (auto: on for CUDA)"),
     K("ATTN_BACKEND", "auto", ("auto", "fa4", "fa3", "fa2", "sdpa"), "attention kernel; an unavailable explicit choice is an error"),
-    K("FUSED_KERNELS", "auto", ("auto", "0", "1"), "Triton kernels for training's softcapped cross-entropy and LeakyReLU^2 MLP (auto: with CUDA and triton)"),
+    K("FUSED_KERNELS", "auto", ("auto", "0", "1"), "Triton kernels for training's softcapped cross-entropy and LeakyReLU^2 MLP (auto: with CUDA and triton, once they match eager there)"),
     # model shape
     K("NUM_LAYERS", 11, int, "transformer blocks", 1),
     K("MODEL_DIM", 512, int, "residual width", 8),
@@ -1093,6 +1093,27 @@ class LeakyReLU2MLP(torch.autograd.Function):
         x, w1, w2, pre, post = ctx.saved_tensors
         dpre = torch.ops.pgolf.linear_act_grad(g, w2, pre, ctx.slope)
         return dpre @ w1, dpre.t() @ x, g.t() @ post, None
+
+
+def fused_kernels_fault(device: torch.device) -> str:
+    """'' when both kernels match eager on small bf16 inputs (odd sizes: partial blocks), forward and
+    backward, on this device; else what failed. FUSED_KERNELS=auto runs this before trusting them."""
+    g = torch.Generator(device=device).manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, device=device, generator=g, dtype=torch.bfloat16).requires_grad_()
+    x, w1, w2, logits = rnd(131, 96), rnd(200, 96), rnd(96, 200), rnd(37, 1000)
+    targets = torch.randint(0, 1000, (37,), device=device, generator=g)
+    try:
+        fused = [LeakyReLU2MLP.apply(x, w1, w2, 0.5).float(), SoftcapCrossEntropy.apply(logits, targets, 30.0)]
+        eager = [F.linear(F.leaky_relu(F.linear(x, w1), 0.5).square(), w2).float(),
+                 F.cross_entropy(30 * torch.tanh(logits.float() / 30), targets, reduction="none")]
+        for a, b in zip(fused, eager):
+            grads = [torch.autograd.grad(t.sum(), (x, w1, w2, logits), allow_unused=True) for t in (a, b)]
+            for u, v in zip((a,) + grads[0], (b,) + grads[1]):
+                if u is not None and not torch.allclose(u.detach().float(), v.detach().float(), rtol=0.05, atol=0.05 * float(v.detach().abs().max())):
+                    return "mismatch_vs_eager"
+    except Exception as e:  # a kernel that does not compile or launch here
+        return type(e).__name__
+    return ""
 
 
 # -----------------------------------------------------------------------------
@@ -3294,6 +3315,9 @@ def run(args: Hyperparameters, rt: Runtime):
     rt.log(f"byte_accounting:{args.byte_accounting} tokenizer:{args.tokenizer_path}")
     backend, reason = select_attention_backend(args.attn_backend, rt.device, rt.autocast, args.doc_mask, rt.log)
     rt.log(f"attention_backend:{backend} reason:{reason}")
+    fault = fused_kernels_fault(rt.device) if args.fused_on and args.fused_kernels == "auto" else ""
+    if fault:  # untrusted kernels are a logged downgrade under auto (FUSED_KERNELS=1 would use them)
+        args.fused_on, args.fused_reason = False, f"self_check_failed:{fault}"
     rt.log(f"fused_kernels:{int(args.fused_on)} reason:{args.fused_reason}")
     try:  # before the first step, so that a bad byte sidecar cannot cost a training run
         validation = load_validation(args, luts)  # (tokens, target bytes), loaded once

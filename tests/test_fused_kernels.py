@@ -152,3 +152,18 @@ def test_fused_kernels_compile_without_graph_breaks():
     params = [x, *mlp.parameters()]
     for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
         torch.testing.assert_close(a, b)
+
+
+@needs_triton
+def test_self_check_passes_the_real_kernels_and_names_a_broken_one(monkeypatch):
+    """FUSED_KERNELS=auto trusts the kernels only after they match eager on this device: a kernel that
+    raises, or computes something else, is reported (run() then logs a self_check_failed downgrade)."""
+    assert tg.fused_kernels_fault(torch.device(DEV)) == ""
+
+    def broken(*a):
+        raise RuntimeError("no kernel image for this device")
+    monkeypatch.setattr(tg.LeakyReLU2MLP, "apply", broken)
+    assert tg.fused_kernels_fault(torch.device(DEV)) == "RuntimeError"
+    monkeypatch.undo()
+    monkeypatch.setattr(tg.SoftcapCrossEntropy, "apply", lambda x, t, cap: F.cross_entropy(x.float(), t, reduction="none") * 1.5)
+    assert tg.fused_kernels_fault(torch.device(DEV)) == "mismatch_vs_eager"
