@@ -75,7 +75,7 @@ def test_short_document_batches_are_scored_and_stepped_in_their_own_chunks(monke
 
 EVALUATIONS = {  # knobs -> the labels final_evaluations writes
     "chunk_ttt": (dict(TTT_ENABLED=1, TTT_CHUNK_TOKENS=96), ["final_roundtrip", "final_sliding", "final_ttt"]),
-    "phased_ttt": (dict(PHASED_TTT_ENABLED=1, PHASED_TTT_PREFIX_DOCS=2, PHASED_TTT_SHORT_CHUNKS="40:8", PHASED_TTT_GLOBAL_CHUNK_TOKENS=64),
+    "phased_ttt": (dict(PHASED_TTT_ENABLED=1, PHASED_TTT_PREFIX_DOCS=2, PHASED_TTT_SHORT_CHUNKS="40:8", PHASED_TTT_GLOBAL_CHUNK_TOKENS=32),
                    ["final_roundtrip", "final_sliding", "final_phased_ttt"]),
 }
 
@@ -117,7 +117,9 @@ def test_token_losses_are_written_per_target_and_no_evaluation_looks_ahead(tmp_p
     assert not torch.allclose(ref["final_roundtrip"], ref["final_sliding"])  # context matters
     if recipe == "phased_ttt":
         assert "global_phases_trained:1" in (tmp_path / "ref.txt").read_text()
-    for u in (97, 285):  # documents 0..179, 179..270 (the phased prefix), 270..299
+    # documents 0..179, 179..270 (the phased prefix), 270..299; global chunks of 32 targets so that a
+    # global phase that trained past the prefix would train on the second cut's tokens
+    for u in (97, 285):
         # new tokens, documents where they were: the same batches and shapes, so rounding is the same
         noise = torch.randint(2, 512, (len(tokens) - u,), generator=torch.Generator().manual_seed(u))
         later = torch.where(tokens[u:] == tg.BOS_ID, tokens[u:], noise)
