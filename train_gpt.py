@@ -174,7 +174,7 @@ KNOBS = [
     K("LQER_TOP_K", 3, int, "tensors with the largest error that get LQER", 0),
     K("PACK_BITS", 0, bool, "bit-pack quantized values densely (smaller raw, but generic compressors do worse)"),
     K("COMPRESSOR", "brotli", ("zstd", "brotli", "lzma", "rans", "auto"), "artifact compressor (rans: per-block-class ANS coding, brotli for the rest; auto: smallest of all)"),
-    K("COMPRESSION_LEVEL", -1, int, "compressor level (-1: brotli 10, zstd 22, lzma 9)", -1),
+    K("COMPRESSION_LEVEL", -1, int, "compressor level (-1: brotli 10, zstd 22, lzma 9, rans 8: up to that many block classes)", -1),
     K("COMPRESS_WORKERS", 0, int, "processes compressing artifact chunks in parallel (0: one per usable core)", 0),
     K("ARTIFACT_BUDGET", 16000000, int, "bytes allowed for code + model; export lowers bits to fit", 1),
     K("ARTIFACT_PATH", "", str, "artifact file (default logs/<RUN_ID>.pgart)"),
