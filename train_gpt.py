@@ -1793,8 +1793,8 @@ def quantize_model(model: GPT, args: Hyperparameters, hessians: dict[str, Tensor
 
 
 # Bytes per byte of Gaussian entropy of the rounded values, measured on a record-size payload of
-# random weights (bench/RESULTS.md); trained weights code up to ~0.5% smaller.
-CODER_OVERHEAD = {"zstd": 1.0155}
+# random weights (bench/RESULTS.md); trained weights code up to ~0.5% smaller. Default: brotli's.
+CODER_OVERHEAD = {"zstd": 1.0155, "rans": 0.9994}
 
 
 LQER_FACTOR_BYTES = 0.4  # an int4 factor value clipped at its column's absmax: ~3.1 bits coded

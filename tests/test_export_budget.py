@@ -157,8 +157,9 @@ def test_training_clock_states_export_against_the_cap_and_an_overrun_is_an_error
 
 
 @pytest.mark.slow
-def test_default_record_config_fits_without_a_refit_and_the_estimate_is_within_half_a_percent(tmp_path):
-    args = tg.Hyperparameters({"QUANT": "rtn"})  # GPTQ's values code like these (see bench/RESULTS.md)
+@pytest.mark.parametrize("comp", ["brotli", "rans"])
+def test_default_record_config_fits_without_a_refit_and_the_estimate_is_within_half_a_percent(tmp_path, comp):
+    args = tg.Hyperparameters({"QUANT": "rtn", "COMPRESSOR": comp})  # GPTQ's values code like these (see bench/RESULTS.md)
     assert (args.num_layers, args.model_dim, args.vocab_size) == (11, 512, 8192)
     packed, _, _ = pack_code.pack((ROOT / "train_gpt.py").read_text())
     code_bytes = len(packed.encode())
