@@ -173,7 +173,7 @@ KNOBS = [
     K("LQER_RANK", 4, int, "rank of the low-rank quantization-error correction (0: off)", 0),
     K("LQER_TOP_K", 3, int, "tensors with the largest error that get LQER", 0),
     K("PACK_BITS", 0, bool, "bit-pack quantized values densely (smaller raw, but generic compressors do worse)"),
-    K("COMPRESSOR", "brotli", ("zstd", "brotli", "lzma", "rans", "auto"), "artifact compressor (rans: per-block-class ANS coding, brotli for the rest; auto: smallest of all)"),
+    K("COMPRESSOR", "rans", ("zstd", "brotli", "lzma", "rans", "auto"), "artifact compressor (rans: per-block-class ANS coding, brotli for the rest; auto: smallest of all)"),
     K("COMPRESSION_LEVEL", -1, int, "compressor level (-1: brotli 10, zstd 22, lzma 9, rans 8: up to that many block classes)", -1),
     K("COMPRESS_WORKERS", 0, int, "processes compressing artifact chunks in parallel (0: one per usable core)", 0),
     K("ARTIFACT_BUDGET", 16000000, int, "bytes allowed for code + model; export lowers bits to fit", 1),
@@ -2749,6 +2749,8 @@ def train_and_export(args: Hyperparameters, rt: Runtime, backend: str, code_byte
     model = GPT(args, backend).to(rt.device)
     if args.late_qat_threshold > 0:
         setup_late_qat(model, args)
+    for name, _ in compression_candidates(args):
+        compressor(name)  # a missing package fails here, not after training
     est = estimate_artifact_bytes(model, args, code_bytes)
     rt.log(f"model_params:{sum(p.numel() for p in model.parameters())} est_artifact_bytes:{est}")
     if est > args.artifact_budget:

@@ -127,7 +127,7 @@ def main(argv=None) -> int:
 
     rest_b, rest_s = timed(tg.compressor("brotli")[0], rest, 10)
     for name, lvl in (("brotli", 10), ("rans", tg.DEFAULT_LEVELS["rans"])):
-        out, comp_s = timed(tg.compress_chunks, chunks, name, lvl, opts.workers, {})
+        (out, _), comp_s = timed(tg.compress_chunks, chunks, name, lvl, opts.workers, {})
         back, dec_s = timed(lambda: b"".join(tg.compressor(name)[1](c) for c in out))
         assert back == raw
         add(f"{name}-{lvl} chunks, {opts.workers} processes", len(tg.frame_chunks(out)), comp_s, dec_s)
