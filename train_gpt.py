@@ -191,8 +191,8 @@ KNOBS = [
     K("AWQ_LITE_GROUPS", 1, int, "AWQ-lite: N column groups kept at 8 bits in GPTQ, most salient (input RMS x mean |w|) first, one per matrix", 0),
     K("AWQ_LITE_GROUP_SIZE", 64, int, "columns per AWQ-lite group", 1),
     K("PACK_BITS", 0, bool, "bit-pack quantized values densely (smaller raw, but generic compressors do worse)"),
-    K("COMPRESSOR", "brotli", ("zstd", "brotli", "lzma", "auto"), "artifact compressor (auto: smallest of all)"),
-    K("COMPRESSION_LEVEL", -1, int, "compressor level (-1: brotli 10, zstd 22, lzma 9)", -1),
+    K("COMPRESSOR", "rans", ("zstd", "brotli", "lzma", "rans", "auto"), "artifact compressor (rans: per-block-class ANS coding, brotli for the rest; auto: smallest of all)"),
+    K("COMPRESSION_LEVEL", -1, int, "compressor level (-1: brotli 10, zstd 22, lzma 9, rans 8: up to that many block classes)", -1),
     K("COMPRESS_WORKERS", 0, int, "threads compressing artifact chunks in parallel (0: one per usable core)", 0),
     K("ARTIFACT_BUDGET", 16000000, int, "bytes allowed for code + model; export lowers bits to fit", 1),
     K("ARTIFACT_PATH", "", str, "artifact file (default logs/<RUN_ID>.pgart)"),
@@ -2287,8 +2287,8 @@ def quantize_model(model: GPT, args: Hyperparameters, hessians: dict[str, Tensor
 
 
 # Bytes per byte of Gaussian entropy of the rounded values, measured on a record-size payload of
-# random weights (bench/RESULTS.md); trained weights code up to ~0.5% smaller.
-CODER_OVERHEAD = {"zstd": 1.0155}
+# random weights (bench/RESULTS.md); trained weights code up to ~0.5% smaller. Default: brotli's.
+CODER_OVERHEAD = {"zstd": 1.0155, "rans": 0.9994}
 
 
 LQER_FACTOR_BYTES = 0.4  # an int4 factor value clipped at its column's absmax: ~3.1 bits coded
@@ -2466,15 +2466,15 @@ def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime, hessians: di
 # The decompressed chunks joined: u32 n + JSON header (config, tensor table) | blob of packed tensors.
 
 
-COMPRESSOR_PACKAGES = {"zstd": "zstandard", "brotli": "brotli", "lzma": "lzma"}
+COMPRESSOR_PACKAGES = {"zstd": "zstandard", "brotli": "brotli", "lzma": "lzma", "rans": "constriction"}
 
 
-MAX_LEVELS = {"zstd": 22, "brotli": 11, "lzma": 9}
+MAX_LEVELS = {"zstd": 22, "brotli": 11, "lzma": 9, "rans": 64}
 
 
 # COMPRESSION_LEVEL=-1: brotli quality 10 with a 256 KiB window matched single-stream quality 11 on a
 # record-size int6 payload (-0.007% bytes) in a third of its time (bench/RESULTS.md).
-DEFAULT_LEVELS = {"zstd": 22, "brotli": 10, "lzma": 9}
+DEFAULT_LEVELS = {"zstd": 22, "brotli": 10, "lzma": 9, "rans": 8}
 
 
 CHUNK_BYTES = 1 << 20  # compression unit: chunks compress in parallel and are reused across budget refits
@@ -2496,10 +2496,91 @@ def compressor(name: str):
         if name == "lzma":
             import lzma
             return lambda b, lvl: lzma.compress(b, preset=lvl | lzma.PRESET_EXTREME), lzma.decompress
+        if name == "rans":
+            import brotli, constriction
+            return rans_compress, rans_decompress
     except ImportError:
         raise RuntimeError(f"compressor {name} needs the Python package '{COMPRESSOR_PACKAGES[name]}' "
                            f"(pip install {COMPRESSOR_PACKAGES[name]})") from None
     raise ValueError(f"unknown compressor {name!r}")
+
+
+# rANS chunk: u8 tag (0: brotli-10 bytes follow, where that is shorter: JSON, fp16) | u32
+# length of the brotli-coded side info | side info | ANS words. Side info: u32 n, u8 lowest byte, u8
+# alphabet - 1, u8 classes K | the class of each RANS_BLOCK-byte block | K tables of u16 frequencies.
+# Bytes are coded with their block's table; blocks fall into classes by what codes them shortest,
+# which follows the spread of a tensor's rows. Only integers are stored: decoding is exact anywhere.
+RANS_BLOCK = 512
+
+
+RANS_FREQ_TOTAL = 1 << 15
+
+
+def rans_tables(hist: np.ndarray, cls: np.ndarray, k: int) -> np.ndarray:
+    """Per-class integer frequencies summing to about RANS_FREQ_TOTAL, nonzero exactly where the class has counts."""
+    counts = np.stack([hist[cls == c].sum(0) for c in range(k)]).astype(np.float64)
+    freq = np.round(counts * RANS_FREQ_TOTAL / np.maximum(counts.sum(1, keepdims=True), 1))
+    freq = np.where(counts > 0, np.maximum(freq, 1), 0)
+    freq[freq.sum(1) == 0] = 1  # a class no block chose still needs a valid (unused) table
+    return freq.astype(np.uint16)
+
+
+def rans_models(freq: np.ndarray):
+    import constriction
+    return [constriction.stream.model.Categorical(f / f.sum(), perfect=False) for f in freq.astype(np.float64)]
+
+
+def rans_compress(data: bytes, level: int) -> bytes:
+    """The shortest of brotli-10 (tried on small chunks and text) and block-class ANS with 1, 2, 4, ..., level classes."""
+    import brotli
+    plain = b"\0" + brotli.compress(data, quality=10, lgwin=18) if len(data) <= 1 << 18 else None
+    if len(data) < RANS_BLOCK:
+        return plain
+    coded = min((rans_code(data, 1 << i) for i in range(level.bit_length())), key=len)
+    if plain is None and len(brotli.compress(data, quality=1)) < len(coded):  # q1: a fast probe for text
+        plain = b"\0" + brotli.compress(data, quality=10, lgwin=18)
+    return min(coded, plain or coded, key=len)
+
+
+def rans_code(data: bytes, k: int) -> bytes:
+    import brotli, constriction
+    x = np.frombuffer(data, dtype=np.uint8)
+    lo = int(x.min())
+    sym, alpha = x.astype(np.int32) - lo, max(int(x.max()) - lo + 1, 2)  # the ANS models need two symbols
+    blocks = np.arange(x.size) // RANS_BLOCK
+    hist = np.bincount(blocks * alpha + sym, minlength=(blocks[-1] + 1) * alpha).reshape(-1, alpha).astype(np.float64)
+    spread = hist @ np.abs(np.arange(alpha) - hist.sum(0).argmax()) / hist.sum(1)
+    k = min(k, len(hist))
+    cls = np.minimum(np.argsort(np.argsort(spread, kind="stable"), kind="stable") * k // len(hist), k - 1)
+    for _ in range(4):  # refit the tables, then move each block to the class that codes it shortest
+        counts = np.stack([hist[cls == c].sum(0) for c in range(k)]) + 0.5
+        cls = (hist @ -np.log2(counts / counts.sum(1, keepdims=True)).T).argmin(1)
+    freq = rans_tables(hist, cls, k)
+    coder, per_sym = constriction.stream.stack.AnsCoder(), cls[blocks]
+    for c, model in reversed(list(enumerate(rans_models(freq)))):
+        coder.encode_reverse(sym[per_sym == c], model)
+    side = struct.pack("<IBBB", x.size, lo, alpha - 1, k) + cls.astype(np.uint8).tobytes() + freq.tobytes()
+    side = brotli.compress(side, quality=11)
+    return b"\1" + struct.pack("<I", len(side)) + side + coder.get_compressed().tobytes()
+
+
+def rans_decompress(data: bytes) -> bytes:
+    import brotli, constriction
+    if data[0] == 0:
+        return brotli.decompress(data[1:])
+    (m,) = struct.unpack_from("<I", data, 1)
+    side = brotli.decompress(data[5:5 + m])
+    n, lo, alpha, k = struct.unpack_from("<IBBB", side)
+    alpha += 1
+    nb = -(-n // RANS_BLOCK)
+    cls = np.frombuffer(side, dtype=np.uint8, count=nb, offset=7)
+    freq = np.frombuffer(side, dtype=np.uint16, offset=7 + nb).reshape(k, alpha)
+    per_sym = np.repeat(cls, RANS_BLOCK)[:n]
+    coder = constriction.stream.stack.AnsCoder(np.frombuffer(data, dtype=np.uint32, offset=5 + m).copy())
+    out = np.empty(n, dtype=np.int32)
+    for c, model in enumerate(rans_models(freq)):
+        out[per_sym == c] = coder.decode(model, int((per_sym == c).sum()))
+    return (out + lo).astype(np.uint8).tobytes()
 
 
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
@@ -2667,7 +2748,7 @@ def artifact_file_bytes(comp_name: str, data: bytes) -> int:
 
 def compression_candidates(args: Hyperparameters) -> list[tuple[str, int]]:
     """(compressor, level) pairs to try: COMPRESSOR, or all of them for auto."""
-    names = ("zstd", "brotli", "lzma") if args.compressor == "auto" else (args.compressor,)
+    names = ("zstd", "brotli", "lzma", "rans") if args.compressor == "auto" else (args.compressor,)
     return [(n, DEFAULT_LEVELS[n] if args.compression_level < 0 else min(args.compression_level, MAX_LEVELS[n])) for n in names]
 
 
@@ -3253,6 +3334,8 @@ def train_and_export(args: Hyperparameters, rt: Runtime, backend: str, code_byte
     model = GPT(args, backend).to(rt.device)
     if args.late_qat_threshold > 0:
         setup_late_qat(model, args)
+    for name, _ in compression_candidates(args):
+        compressor(name)  # a missing package fails here, not after training
     est = estimate_artifact_bytes(model, args, code_bytes)
     rt.log(f"model_params:{sum(p.numel() for p in model.parameters())} est_artifact_bytes:{est}")
     if est > args.artifact_budget:

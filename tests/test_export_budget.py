@@ -174,8 +174,9 @@ def test_training_clock_states_calibration_and_export_against_the_cap_and_an_ove
 
 
 @pytest.mark.slow
-def test_default_record_config_fits_without_a_refit_and_the_estimate_is_within_half_a_percent(tmp_path):
-    args = tg.Hyperparameters({})
+@pytest.mark.parametrize("comp", ["brotli", "rans"])
+def test_default_record_config_fits_without_a_refit_and_the_estimate_is_within_half_a_percent(tmp_path, comp):
+    args = tg.Hyperparameters({"COMPRESSOR": comp})
     assert (args.num_layers, args.model_dim, args.vocab_size, args.quant, args.awq_lite_groups) == (11, 512, 8192, "gptq", 1)
     packed, _, _ = pack_code.pack((ROOT / "train_gpt.py").read_text())
     code_bytes = len(packed.encode())

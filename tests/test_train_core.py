@@ -22,7 +22,7 @@ from conftest import SCRIPT, SHARED, TINY, log_value, make_args, needs_shared, r
     ({"NUM_HEADS": "4", "NUM_KV_HEADS": "3"}, "NUM_HEADS=4 is not divisible by NUM_KV_HEADS=3"),
     ({"MATRIX_LR": "fast"}, "MATRIX_LR='fast': expected a number"),
     ({"TIE_EMBEDDINGS": "yes"}, "TIE_EMBEDDINGS='yes': expected 0 or 1"),
-    ({"COMPRESSOR": "gzip"}, "COMPRESSOR='gzip': expected one of zstd, brotli, lzma, auto"),
+    ({"COMPRESSOR": "gzip"}, "COMPRESSOR='gzip': expected one of zstd, brotli, lzma, rans, auto"),
     ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS=1000 must be a multiple of TRAIN_SEQ_LEN=64"),
     ({"VE_DIM": "8", "VE_LAYERS": "0,7"}, "VE_LAYERS='0,7': layer indices must be in [0, NUM_LAYERS)"),
 ])
@@ -262,7 +262,7 @@ def trained_artifact(tmp_path, **overrides):
     return args, model, path
 
 
-@pytest.mark.parametrize("comp", ["zstd", "brotli", "lzma"])
+@pytest.mark.parametrize("comp", ["zstd", "brotli", "lzma", "rans"])
 def test_artifact_round_trips_with_every_compressor(tmp_path, comp):
     args, model, path = trained_artifact(tmp_path, COMPRESSOR=comp, QUANT="rtn", LQER_RANK=0)
     meta, state = tg.read_artifact(str(path))
