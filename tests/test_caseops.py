@@ -163,6 +163,7 @@ def test_sidecar_bytes_equal_the_sp8192_lut_count_and_each_token_costs_its_origi
     assert n_ops > 200
 
 
+@pytest.mark.slow  # over a second of CPU: kept out of the fast tier
 @needs_shared("tokenizers", "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
 @needs_shared("tokenizers", "fineweb_8192_bpe.model")
 def test_sidecar_total_equals_the_lut_count_next_to_every_cased_letter_and_combining_mark():
@@ -291,6 +292,7 @@ def test_artifact_trained_with_other_byte_accounting_is_refused():
         tg.check_artifact_accounting({}, args, "a.pgart")
 
 
+@pytest.mark.slow  # over a second of CPU: kept out of the fast tier
 def test_every_evaluation_sums_the_given_target_bytes():
     """Standard, sliding, chunk TTT and phased TTT all count exactly val_bytes[1:], whatever the
     tokens are (here: bytes no LUT could produce)."""

@@ -100,6 +100,7 @@ def token_loss_files(tmp_path, name, tokens, knobs):
     return {f.name.split(".")[1]: torch.from_numpy(np.fromfile(f, dtype=np.float32)) for f in tmp_path.glob(f"{name}.*.f32")}
 
 
+@pytest.mark.slow  # over a second of CPU: kept out of the fast tier
 @pytest.mark.parametrize("recipe", EVALUATIONS)
 def test_token_losses_are_written_per_target_and_no_evaluation_looks_ahead(tmp_path, recipe):
     """Changing the tokens from position u on never changes the loss of any target t < u, in every
@@ -154,6 +155,7 @@ def test_chunked_loss_equals_the_unchunked_loss_and_its_gradients(monkeypatch):
         torch.testing.assert_close(model.token_nll(ids, targets), full.detach(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # over a second of CPU: kept out of the fast tier
 def test_rows_per_forward_give_the_result_of_one_forward_per_chunk(monkeypatch):
     from test_phased_ttt import LENGTHS, run, setup, stream
     tokens = stream(LENGTHS)

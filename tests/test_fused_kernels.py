@@ -154,6 +154,7 @@ def test_fused_kernels_compile_without_graph_breaks():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.slow  # over a second of CPU: kept out of the fast tier
 @needs_triton
 def test_self_check_passes_the_real_kernels_and_names_a_broken_one(monkeypatch):
     """FUSED_KERNELS=auto trusts the kernels only after they match eager on this device: a kernel that

@@ -216,6 +216,7 @@ def test_training_applies_the_scheduled_lr_each_step(tmp_path, monkeypatch):
     assert seen == pytest.approx([0.02, 0.04, 0.04, 0.04, 0.04, 0.04 * 0.8, 0.04 * 0.6, 0.04 * 0.4])
 
 
+@pytest.mark.slow  # over a second of CPU: kept out of the fast tier
 def test_late_qat_waits_for_the_warmdown_not_the_warmup(tmp_path):
     # warmdown over the last 85%: lr_scale(step 7) = 0.1 + 0.9 * 0.125 / 0.85 = 0.232 < 0.3 <= lr_scale(step 6)
     _, _, log = train_log(tmp_path, ITERATIONS=8, LR_WARMUP_STEPS=4, LATE_QAT_THRESHOLD=0.3)

@@ -63,6 +63,7 @@ def test_every_target_is_scored_exactly_once(phases):
     assert r.bytes == tg.evaluate(model, tokens, val_bytes(tokens), args, CPU, 48).bytes
 
 
+@pytest.mark.slow  # over a second of CPU: kept out of the fast tier
 @pytest.mark.parametrize("phases", [0, 2])
 def test_score_first_perturbing_the_future_leaves_past_losses_unchanged(phases):
     args, model = setup(PHASED_TTT_NUM_PHASES=phases, PHASED_TTT_PREFIX_DOCS=4)

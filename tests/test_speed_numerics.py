@@ -285,6 +285,7 @@ def test_auto_prefers_fa3_then_fa4_on_hopper_or_newer(monkeypatch, major, instal
     assert tg.select_attention_backend("auto", torch.device("cuda")) == want
 
 
+@pytest.mark.slow  # over a second of CPU: kept out of the fast tier
 def test_compiled_muon_equals_eager_muon():
     """The compiled orthogonalisation (used on CUDA) is the same function: compiled here on CPU."""
     g = torch.Generator().manual_seed(5)
