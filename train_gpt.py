@@ -3000,21 +3000,26 @@ def batch_chunk_tokens(batch: list[tuple[int, int]], args: Hyperparameters) -> i
     return min(tokens, args.eval_seq_len)
 
 
+def batch_forward_tokens(batch: list[tuple[int, int]], args: Hyperparameters, from_chunk: int = 0) -> int:
+    """document_forward_tokens summed over a batch at its batch_chunk_tokens."""
+    chunk_tokens = batch_chunk_tokens(batch, args)
+    return sum(document_forward_tokens(doc, chunk_tokens, args.eval_seq_len, from_chunk) for doc in batch)
+
+
 def plan_phased_ttt(docs: list[tuple[int, int]], args: Hyperparameters, rt: Runtime) -> list[tuple[list, list]]:
     """Segments (documents, this rank's batches of them): one per global phase, then the rest. In a
     segment, documents of similar length share a batch, longest row first, so rows finish together
     and the unfinished rows of a batch are always a prefix. The batches are the same on every world
     size; each goes to the least loaded rank, costliest first, and a rank alternates its long and
     short batches so that the budget's rates and the ETA see typical batches from the start."""
-    seq_len, per_batch = args.eval_seq_len, args.phased_ttt_docs_per_batch
-    phases = args.phased_ttt_num_phases
+    per_batch, phases = args.phased_ttt_docs_per_batch, args.phased_ttt_num_phases
     prefix = min(args.phased_ttt_prefix_docs, len(docs)) if phases else 0
     bounds = sorted({0, len(docs)} | {prefix * phase // max(phases, 1) for phase in range(1, phases + 1)})
     plan = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         longest_first = sorted(docs[lo:hi], key=lambda doc: doc[0] - doc[1])
         batches = [longest_first[i:i + per_batch] for i in range(0, len(longest_first), per_batch)]
-        cost = [sum(document_forward_tokens(doc, batch_chunk_tokens(batch, args), seq_len) for doc in batch) for batch in batches]
+        cost = [batch_forward_tokens(batch, args) for batch in batches]
         load, mine = [0] * rt.world_size, []
         for costliest in sorted(range(len(batches)), key=lambda i: -cost[i]):
             rank = load.index(min(load))
@@ -3110,11 +3115,11 @@ def adapt_document_batch(model: GPT, ev: Evaluator, batch: list, adapters: tuple
     for param, initial in zip(*adapters):
         param.data.copy_(initial)
     opt.state.clear()
-    seq_len, chunk_tokens = args.eval_seq_len, batch_chunk_tokens(batch, args)
+    chunk_tokens = batch_chunk_tokens(batch, args)
     chunks = -(-(batch[0][1] - batch[0][0]) // chunk_tokens)
     for chunk in range(chunks):
-        batch_left = sum(document_forward_tokens(doc, chunk_tokens, seq_len, chunk) for doc in batch)
-        this_chunk = batch_left - sum(document_forward_tokens(doc, chunk_tokens, seq_len, chunk + 1) for doc in batch)
+        batch_left = batch_forward_tokens(batch, args, chunk)
+        this_chunk = batch_left - batch_forward_tokens(batch, args, chunk + 1)
         need = budget.seconds("score", later_tokens + batch_left) + budget.seconds("adapt", this_chunk)
         adapt = chunk < chunks - 1 and budget.allows(need, f"chunk:{chunk}", all_ranks=False)
         score_then_adapt_chunk(model, ev, batch, chunk, chunk_tokens, adapt, opt, args, budget, token_losses)
@@ -3153,8 +3158,7 @@ def evaluate_phased_ttt(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args:
     docs = document_spans(val_tokens)
     plan, rows = plan_phased_ttt(docs, args, rt), forward_rows(model, args, rt, args.eval_seq_len)
     chunk_tokens = min(args.phased_ttt_chunk_tokens, args.eval_seq_len)
-    batch_tokens = [[sum(document_forward_tokens(doc, batch_chunk_tokens(batch, args), args.eval_seq_len) for doc in batch) for batch in batches]
-                    for _, batches in plan]
+    batch_tokens = [[batch_forward_tokens(batch, args) for batch in batches] for _, batches in plan]
     tokens_after = lambda segment, batch: sum(batch_tokens[segment][batch + 1:]) + sum(map(sum, batch_tokens[segment + 1:]))
     base = list(model.parameters())
     for param in base:
