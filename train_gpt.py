@@ -2378,14 +2378,12 @@ def predict_export_seconds(model: GPT, args: Hyperparameters, rt: Runtime) -> di
         rounds = -(-math.ceil(raw_bytes / CHUNK_BYTES) // (args.compress_workers or usable_cpus()))
         for cand, lvl in compression_candidates(args):
             pred["compress"] += rounds * timed(lambda: compress_chunk((cand, lvl, sample)), rt)
-    for k in sorted(pred):
-        pred[k] = rt.all_reduce(torch.tensor(pred[k], device=rt.device), dist.ReduceOp.MAX).item()
-    return pred
+    return dict(zip(pred, rt.host_max(list(pred.values()))))  # every rank reserves the slowest rank's time
 
 
 def resolve_gptq_reserve(model: GPT, args: Hyperparameters, rt: Runtime):
     """GPTQ_RESERVE_SECONDS=auto: the predicted time of what runs on the training clock after the last
-    step, with a 25% margin + 1 s (+ 2 s with the export: its process pool): GPTQ calibration, which
+    step, with a 25% margin + 1 s (2 s with the export): GPTQ calibration, which
     reads training data, and with EXPORT_ON_TRAIN_CLOCK=1 quantization and compression (0 without a cap)."""
     if args.gptq_reserve_seconds != "auto":
         return
