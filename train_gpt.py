@@ -1555,12 +1555,10 @@ class GPT(nn.Module):
         return cap * torch.tanh(logits / cap) if cap else logits
 
     def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
+        h = self.hidden(ids)
         if self.args.fused_on:
-            logits = self.head(self.hidden(ids))
-            cap = self.args.logit_softcap
-            return SoftcapCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets.reshape(-1), cap).mean()
-        logits = self.logits(self.hidden(ids))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+            return SoftcapCrossEntropy.apply(self.head(h).flatten(0, 1), targets.flatten(), self.args.logit_softcap).mean()
+        return F.cross_entropy(self.logits(h).flatten(0, 1), targets.flatten())
 
     def chunk_nll(self, h: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(self.logits(h).flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
@@ -1922,7 +1920,7 @@ def prime_eval_graphs(model: GPT, args: Hyperparameters, rt: Runtime):
     dummy = torch.arange(max(windows * args.eval_seq_len, args.ttt_chunk_tokens + 2) + 1) % args.vocab_size
     dummy_bytes = torch.ones_like(dummy, dtype=torch.int32)
     final_looping = args.num_loops > 1 and args.enable_looping_at < 1
-    artifact_like = GPT(args, model.blocks[0].attn.backend).to(rt.device)
+    artifact_like = GPT(args, model.backend).to(rt.device)
     artifact_like.looping = final_looping
     calls = [(f"eval_training_model looping:{int(looping)}", model, looping, lambda m: evaluate(m, dummy, dummy_bytes, args, quiet, args.eval_seq_len))
              for looping in sorted({final_looping} | ({False, True} if args.val_loss_every and args.num_loops > 1 else set()))]
@@ -1974,8 +1972,8 @@ def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | N
         if args.num_loops > 1 and not model.looping and progress >= args.enable_looping_at:
             model.looping = True
             rt.log(f"looping_enabled step:{step} train_time:{elapsed:.0f} layers:{','.join(map(str, model.layer_order()))}")
-        if train_seq_len_at(args, progress) != seq_len:
-            seq_len = train_seq_len_at(args, progress)
+        if (now := train_seq_len_at(args, progress)) != seq_len:
+            seq_len = now
             rt.log(f"train_seq_len step:{step} train_time:{elapsed:.0f} seq_len:{seq_len}")
         scale = lr_scale(args, step, progress, warmdown_fraction(args, step_ms))
         if args.late_qat_threshold > 0 and not qat_on and step >= args.lr_warmup_steps and scale < args.late_qat_threshold:
