@@ -3204,16 +3204,16 @@ def final_evaluations(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args: H
     """final_roundtrip, then final_sliding and final_ttt or final_phased_ttt when enabled; returns the
     last one, the run's score. With phased TTT, chunk TTT is skipped: it would spend the evaluation
     clock that phased TTT needs on a result that is not the score."""
-    L, run = args.eval_seq_len, lambda label, evaluation: (label, logged_evaluation(label, evaluation, val_tokens, args, rt))
-    label, result = run("final_roundtrip", lambda out: evaluate(model, val_tokens, val_bytes, args, rt, L, "roundtrip", out))
+    L, scored = args.eval_seq_len, lambda label, evaluation: (label, logged_evaluation(label, evaluation, val_tokens, args, rt))
+    label, result = scored("final_roundtrip", lambda out: evaluate(model, val_tokens, val_bytes, args, rt, L, "roundtrip", out))
     if 0 < args.eval_stride < L:
-        label, result = run("final_sliding", lambda out: evaluate(model, val_tokens, val_bytes, args, rt, args.eval_stride, "sliding", out))
+        label, result = scored("final_sliding", lambda out: evaluate(model, val_tokens, val_bytes, args, rt, args.eval_stride, "sliding", out))
     if args.phased_ttt_enabled:
         if args.ttt_enabled:
             rt.log("ttt_skipped reason:phased_ttt_enabled")
-        label, result = run("final_phased_ttt", lambda out: evaluate_phased_ttt(model, val_tokens, val_bytes, args, rt, eval_t0, out))
+        label, result = scored("final_phased_ttt", lambda out: evaluate_phased_ttt(model, val_tokens, val_bytes, args, rt, eval_t0, out))
     elif args.ttt_enabled:
-        label, result = run("final_ttt", lambda out: evaluate_ttt(model, val_tokens, val_bytes, args, rt, eval_t0, out))
+        label, result = scored("final_ttt", lambda out: evaluate_ttt(model, val_tokens, val_bytes, args, rt, eval_t0, out))
     return label, result
 
 
