@@ -175,7 +175,7 @@ def record_payload(opts) -> int:
         "", report_heading("### Compression at the record size (`bench/export_matrix.py --record-payload`)"), "",
         f"Payload: the default 11L/d512/sp8192 model ({sum(p.numel() for p in model.parameters()):,} parameters) "
         f"with random weights shaped like trained ones (`record_shape_model`), through the real quantizer (RTN, "
-        f"default bits and clips, int4 LQER): {len(raw):,} bytes serialized in {len(chunks)} chunks. CPU seconds "
+        f"default bits and clips, {'asymmetric' if args.lqer_asym_group else 'int4'} LQER): {len(raw):,} bytes serialized in {len(chunks)} chunks. CPU seconds "
         "are one core's; chunks compress in parallel, one thread per core.", "", *(table + [""] if rows else []),
         f"Default (brotli-10, 256 KiB window, chunks) in a pool of 2 threads: {pool_wall:.1f} s wall, "
         f"{pool_cpu:.1f} CPU s, with load average {load:.1f} from other jobs on the 2 cores.", "",
