@@ -1555,12 +1555,10 @@ class GPT(nn.Module):
         return cap * torch.tanh(logits / cap) if cap else logits
 
     def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
+        h = self.hidden(ids)
         if self.args.fused_on:
-            logits = self.head(self.hidden(ids))
-            cap = self.args.logit_softcap
-            return SoftcapCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets.reshape(-1), cap).mean()
-        logits = self.logits(self.hidden(ids))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+            return SoftcapCrossEntropy.apply(self.head(h).flatten(0, 1), targets.flatten(), self.args.logit_softcap).mean()
+        return F.cross_entropy(self.logits(h).flatten(0, 1), targets.flatten())
 
     def chunk_nll(self, h: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(self.logits(h).flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
@@ -1922,7 +1920,7 @@ def prime_eval_graphs(model: GPT, args: Hyperparameters, rt: Runtime):
     dummy = torch.arange(max(windows * args.eval_seq_len, args.ttt_chunk_tokens + 2) + 1) % args.vocab_size
     dummy_bytes = torch.ones_like(dummy, dtype=torch.int32)
     final_looping = args.num_loops > 1 and args.enable_looping_at < 1
-    artifact_like = GPT(args, model.blocks[0].attn.backend).to(rt.device)
+    artifact_like = GPT(args, model.backend).to(rt.device)
     artifact_like.looping = final_looping
     calls = [(f"eval_training_model looping:{int(looping)}", model, looping, lambda m: evaluate(m, dummy, dummy_bytes, args, quiet, args.eval_seq_len))
              for looping in sorted({final_looping} | ({False, True} if args.val_loss_every and args.num_loops > 1 else set()))]
@@ -1974,8 +1972,8 @@ def train(model: GPT, args: Hyperparameters, rt: Runtime, val_tokens: Tensor | N
         if args.num_loops > 1 and not model.looping and progress >= args.enable_looping_at:
             model.looping = True
             rt.log(f"looping_enabled step:{step} train_time:{elapsed:.0f} layers:{','.join(map(str, model.layer_order()))}")
-        if train_seq_len_at(args, progress) != seq_len:
-            seq_len = train_seq_len_at(args, progress)
+        if (now := train_seq_len_at(args, progress)) != seq_len:
+            seq_len = now
             rt.log(f"train_seq_len step:{step} train_time:{elapsed:.0f} seq_len:{seq_len}")
         scale = lr_scale(args, step, progress, warmdown_fraction(args, step_ms))
         if args.late_qat_threshold > 0 and not qat_on and step >= args.lr_warmup_steps and scale < args.late_qat_threshold:
@@ -2378,14 +2376,12 @@ def predict_export_seconds(model: GPT, args: Hyperparameters, rt: Runtime) -> di
         rounds = -(-math.ceil(raw_bytes / CHUNK_BYTES) // (args.compress_workers or usable_cpus()))
         for cand, lvl in compression_candidates(args):
             pred["compress"] += rounds * timed(lambda: compress_chunk((cand, lvl, sample)), rt)
-    for k in sorted(pred):
-        pred[k] = rt.all_reduce(torch.tensor(pred[k], device=rt.device), dist.ReduceOp.MAX).item()
-    return pred
+    return dict(zip(pred, rt.host_max(list(pred.values()))))  # every rank reserves the slowest rank's time
 
 
 def resolve_gptq_reserve(model: GPT, args: Hyperparameters, rt: Runtime):
     """GPTQ_RESERVE_SECONDS=auto: the predicted time of what runs on the training clock after the last
-    step, with a 25% margin + 1 s (+ 2 s with the export: its process pool): GPTQ calibration, which
+    step, with a 25% margin + 1 s (2 s with the export): GPTQ calibration, which
     reads training data, and with EXPORT_ON_TRAIN_CLOCK=1 quantization and compression (0 without a cap)."""
     if args.gptq_reserve_seconds != "auto":
         return
@@ -3081,21 +3077,26 @@ def batch_chunk_tokens(batch: list[tuple[int, int]], args: Hyperparameters) -> i
     return min(tokens, args.eval_seq_len)
 
 
+def batch_forward_tokens(batch: list[tuple[int, int]], args: Hyperparameters, from_chunk: int = 0) -> int:
+    """document_forward_tokens summed over a batch at its batch_chunk_tokens."""
+    chunk_tokens = batch_chunk_tokens(batch, args)
+    return sum(document_forward_tokens(doc, chunk_tokens, args.eval_seq_len, from_chunk) for doc in batch)
+
+
 def plan_phased_ttt(docs: list[tuple[int, int]], args: Hyperparameters, rt: Runtime) -> list[tuple[list, list]]:
     """Segments (documents, this rank's batches of them): one per global phase, then the rest. In a
     segment, documents of similar length share a batch, longest row first, so rows finish together
     and the unfinished rows of a batch are always a prefix. The batches are the same on every world
     size; each goes to the least loaded rank, costliest first, and a rank alternates its long and
     short batches so that the budget's rates and the ETA see typical batches from the start."""
-    seq_len, per_batch = args.eval_seq_len, args.phased_ttt_docs_per_batch
-    phases = args.phased_ttt_num_phases
+    per_batch, phases = args.phased_ttt_docs_per_batch, args.phased_ttt_num_phases
     prefix = min(args.phased_ttt_prefix_docs, len(docs)) if phases else 0
     bounds = sorted({0, len(docs)} | {prefix * phase // max(phases, 1) for phase in range(1, phases + 1)})
     plan = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         longest_first = sorted(docs[lo:hi], key=lambda doc: doc[0] - doc[1])
         batches = [longest_first[i:i + per_batch] for i in range(0, len(longest_first), per_batch)]
-        cost = [sum(document_forward_tokens(doc, batch_chunk_tokens(batch, args), seq_len) for doc in batch) for batch in batches]
+        cost = [batch_forward_tokens(batch, args) for batch in batches]
         load, mine = [0] * rt.world_size, []
         for costliest in sorted(range(len(batches)), key=lambda i: -cost[i]):
             rank = load.index(min(load))
@@ -3191,11 +3192,11 @@ def adapt_document_batch(model: GPT, ev: Evaluator, batch: list, adapters: tuple
     for param, initial in zip(*adapters):
         param.data.copy_(initial)
     opt.state.clear()
-    seq_len, chunk_tokens = args.eval_seq_len, batch_chunk_tokens(batch, args)
+    chunk_tokens = batch_chunk_tokens(batch, args)
     chunks = -(-(batch[0][1] - batch[0][0]) // chunk_tokens)
     for chunk in range(chunks):
-        batch_left = sum(document_forward_tokens(doc, chunk_tokens, seq_len, chunk) for doc in batch)
-        this_chunk = batch_left - sum(document_forward_tokens(doc, chunk_tokens, seq_len, chunk + 1) for doc in batch)
+        batch_left = batch_forward_tokens(batch, args, chunk)
+        this_chunk = batch_left - batch_forward_tokens(batch, args, chunk + 1)
         need = budget.seconds("score", later_tokens + batch_left) + budget.seconds("adapt", this_chunk)
         adapt = chunk < chunks - 1 and budget.allows(need, f"chunk:{chunk}", all_ranks=False)
         score_then_adapt_chunk(model, ev, batch, chunk, chunk_tokens, adapt, opt, args, budget, token_losses)
@@ -3234,8 +3235,7 @@ def evaluate_phased_ttt(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args:
     docs = document_spans(val_tokens)
     plan, rows = plan_phased_ttt(docs, args, rt), forward_rows(model, args, rt, args.eval_seq_len)
     chunk_tokens = min(args.phased_ttt_chunk_tokens, args.eval_seq_len)
-    batch_tokens = [[sum(document_forward_tokens(doc, batch_chunk_tokens(batch, args), args.eval_seq_len) for doc in batch) for batch in batches]
-                    for _, batches in plan]
+    batch_tokens = [[batch_forward_tokens(batch, args) for batch in batches] for _, batches in plan]
     tokens_after = lambda segment, batch: sum(batch_tokens[segment][batch + 1:]) + sum(map(sum, batch_tokens[segment + 1:]))
     base = list(model.parameters())
     for param in base:
@@ -3285,16 +3285,16 @@ def final_evaluations(model: GPT, val_tokens: Tensor, val_bytes: Tensor, args: H
     """final_roundtrip, then final_sliding and final_ttt or final_phased_ttt when enabled; returns the
     last one, the run's score. With phased TTT, chunk TTT is skipped: it would spend the evaluation
     clock that phased TTT needs on a result that is not the score."""
-    L, run = args.eval_seq_len, lambda label, evaluation: (label, logged_evaluation(label, evaluation, val_tokens, args, rt))
-    label, result = run("final_roundtrip", lambda out: evaluate(model, val_tokens, val_bytes, args, rt, L, "roundtrip", out))
+    L, scored = args.eval_seq_len, lambda label, evaluation: (label, logged_evaluation(label, evaluation, val_tokens, args, rt))
+    label, result = scored("final_roundtrip", lambda out: evaluate(model, val_tokens, val_bytes, args, rt, L, "roundtrip", out))
     if 0 < args.eval_stride < L:
-        label, result = run("final_sliding", lambda out: evaluate(model, val_tokens, val_bytes, args, rt, args.eval_stride, "sliding", out))
+        label, result = scored("final_sliding", lambda out: evaluate(model, val_tokens, val_bytes, args, rt, args.eval_stride, "sliding", out))
     if args.phased_ttt_enabled:
         if args.ttt_enabled:
             rt.log("ttt_skipped reason:phased_ttt_enabled")
-        label, result = run("final_phased_ttt", lambda out: evaluate_phased_ttt(model, val_tokens, val_bytes, args, rt, eval_t0, out))
+        label, result = scored("final_phased_ttt", lambda out: evaluate_phased_ttt(model, val_tokens, val_bytes, args, rt, eval_t0, out))
     elif args.ttt_enabled:
-        label, result = run("final_ttt", lambda out: evaluate_ttt(model, val_tokens, val_bytes, args, rt, eval_t0, out))
+        label, result = scored("final_ttt", lambda out: evaluate_ttt(model, val_tokens, val_bytes, args, rt, eval_t0, out))
     return label, result
 
 

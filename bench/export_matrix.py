@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -97,6 +96,13 @@ def report_heading(title: str) -> str:
     return f"{title}, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit()}, {cpu_machine()}"
 
 
+def append_report(path: str, section: list[str]):
+    """Append a section's lines to RESULTS.md at path, and print them."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("\n".join(section) + "\n")
+    print("\n".join(section))
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -156,10 +162,10 @@ def record_payload(opts) -> int:
         ref = ref or n
         rows.append([label, f"{n:,}", f"{100 * (n / ref - 1):+.3f}%", f"{comp_s:.1f}", f"{dec_s:.2f}"])
         print(" | ".join(rows[-1]), flush=True)
-    t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
+    t0, c0 = time.perf_counter(), time.process_time()  # compress_chunks' pool is threads: this process's CPU time
     pooled, _ = tg.compress_chunks(chunks, "brotli", 10, 2, {})
     pool_wall = time.perf_counter() - t0
-    pool_cpu = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime - c0
+    pool_cpu = time.process_time() - c0
     load = os.getloadavg()[0]
     est = tg.estimate_artifact_bytes(model, args, code_bytes)
     actual = code_bytes + tg.artifact_file_bytes("brotli", tg.frame_chunks(pooled))
@@ -169,16 +175,14 @@ def record_payload(opts) -> int:
         "", report_heading("### Compression at the record size (`bench/export_matrix.py --record-payload`)"), "",
         f"Payload: the default 11L/d512/sp8192 model ({sum(p.numel() for p in model.parameters()):,} parameters) "
         f"with random weights shaped like trained ones (`record_shape_model`), through the real quantizer (RTN, "
-        f"default bits and clips, int4 LQER): {len(raw):,} bytes serialized in {len(chunks)} chunks. CPU seconds "
-        "are one core's; chunks compress in parallel, one process per core.", "", *(table + [""] if rows else []),
-        f"Default (brotli-10, 256 KiB window, chunks) in a pool of 2 processes: {pool_wall:.1f} s wall, "
-        f"{pool_cpu:.1f} CPU s in the workers, with load average {load:.1f} from other jobs on the 2 cores.", "",
+        f"default bits and clips, {'asymmetric' if args.lqer_asym_group else 'int4'} LQER): {len(raw):,} bytes serialized in {len(chunks)} chunks. CPU seconds "
+        "are one core's; chunks compress in parallel, one thread per core.", "", *(table + [""] if rows else []),
+        f"Default (brotli-10, 256 KiB window, chunks) in a pool of 2 threads: {pool_wall:.1f} s wall, "
+        f"{pool_cpu:.1f} CPU s, with load average {load:.1f} from other jobs on the 2 cores.", "",
         f"Pre-flight estimate vs real artifact at these defaults, code counted as the packed file ({code_bytes:,} bytes): "
         f"est_artifact_bytes {est:,}, real {actual:,} ({100 * (est / actual - 1):+.3f}%).",
     ]
-    with open(opts.results, "a", encoding="utf-8") as f:
-        f.write("\n".join(section) + "\n")
-    print("\n".join(section))
+    append_report(opts.results, section)
     return 0
 
 
@@ -249,9 +253,7 @@ def main(argv=None) -> int:
         f"artifact header and code; values stored one byte each unless bit-packed. Best: {best[1]}, {best[0]:,} bytes = "
         f"{best[0] / n_params:.3f} bytes/parameter.", "", *table,
     ]
-    with open(opts.results, "a", encoding="utf-8") as f:
-        f.write("\n".join(section) + "\n")
-    print("\n".join(section))
+    append_report(opts.results, section)
     return 0
 
 

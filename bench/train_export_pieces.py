@@ -24,7 +24,7 @@ import torch
 
 import repo_paths  # noqa: F401  (puts the repository on sys.path for train_gpt)
 import train_gpt as tg
-from export_matrix import markdown_table, record_shape_model, report_heading, roundtrip_bpb
+from export_matrix import append_report, markdown_table, record_shape_model, report_heading, roundtrip_bpb
 from minigolf import PRESETS, tiny_data
 
 REPO = repo_paths.REPO
@@ -124,9 +124,7 @@ def main(argv=None) -> int:
     for name in opts.parts.split(","):
         section += parts[name]() + [""]
     section.append("CPU timings on the shared 2-core machine (other jobs running): noisy; no GPU figure.")
-    with open(opts.results, "a", encoding="utf-8") as f:
-        f.write("\n".join(section) + "\n")
-    print("\n".join(section))
+    append_report(opts.results, section)
     return 0
 
 

@@ -188,12 +188,13 @@ def test_ranks_that_disagree_on_the_clock_stop_after_the_same_step(tmp_path):
 def test_ranks_whose_clocks_disagree_switch_schedule_at_the_same_step(tmp_path):
     knobs = dict(TINY_ENV, DATA_PATH=str(TINY), TOKENIZER_PATH=str(TINY / "tokenizer.model"), ITERATIONS="1000",
                  MAX_WALLCLOCK_SECONDS="0.06", GPTQ_RESERVE_SECONDS="0", ENABLE_LOOPING_AT="0.3",
-                 LATE_QAT_THRESHOLD="0.4", WARMDOWN_FRAC="0.8", TRAIN_LOG_EVERY="1000")
+                 LATE_QAT_THRESHOLD="0.4", WARMDOWN_FRAC="0.8", TRAIN_LOG_EVERY="1000", TRAIN_SEQ_SCHEDULE="32@0.5,64@1")
     traces = two_rank_run("clock_dist.py", tmp_path, knobs)
     # rank 1's clock runs twice as fast as rank 0's; the ranks train with one schedule, the faster clock's
     assert traces[0] == traces[1]
-    lrs, looping, qat = zip(*traces[0])
+    lrs, looping, qat, seq_len = zip(*traces[0])
     assert 10 < len(lrs) < 40 and lrs[0] > lrs[-1] and not looping[0] and looping[-1] and not qat[0] and qat[-1]
+    assert seq_len[0] == 32 and seq_len[-1] == 64
 
 
 # --- host syncs in hot loops --------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """train() on several ranks (gloo) whose clocks disagree: rank r's clock advances (r + 1) ms per
 read, so by its own clock rank 1 is twice as far into the wallclock cap as rank 0. Each rank saves,
-per step, the Muon learning rate, looping and late QAT it trained with to <out>/rank<r>.pt. The
+per step, the Muon learning rate, looping, late QAT and sequence length it trained with to
+<out>/rank<r>.pt. The
 knobs come from the environment. Run under torch.distributed.run."""
 
 import os
@@ -26,7 +27,7 @@ if __name__ == "__main__":
 
     def traced_step(model_fn, model, opts, micro_batches, args, rt):
         qat = any(float(m.qat_alpha) for _, m in tg.quantizable_modules(model) if getattr(m, "qat", None) is not None)
-        trace.append((opts[1].param_groups[0]["lr"], model.looping, qat))
+        trace.append((opts[1].param_groups[0]["lr"], model.looping, qat, micro_batches[0][0].size(1)))
         return real_step(model_fn, model, opts, micro_batches, args, rt)
 
     tg.train_step = traced_step
