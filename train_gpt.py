@@ -3399,8 +3399,9 @@ def run(args: Hyperparameters, rt: Runtime):
     backend, reason = select_attention_backend(args.attn_backend, rt.device, rt.autocast, args.doc_mask, rt.log)
     rt.log(f"attention_backend:{backend} reason:{reason}")
     fault = fused_kernels_fault(rt.device) if args.fused_on and args.fused_kernels == "auto" else ""
-    if fault:  # untrusted kernels are a logged downgrade under auto (FUSED_KERNELS=1 would use them)
-        args.fused_on, args.fused_reason = False, f"self_check_failed:{fault}"
+    if args.fused_on and args.fused_kernels == "auto" and rt.host_max([float(bool(fault))])[0]:
+        # untrusted kernels are a logged downgrade under auto, on every rank if on any (1 would use them)
+        args.fused_on, args.fused_reason = False, f"self_check_failed:{fault or 'on_another_rank'}"
     rt.log(f"fused_kernels:{int(args.fused_on)} reason:{args.fused_reason}")
     try:  # before the first step, so that a bad byte sidecar cannot cost a training run
         validation = load_validation(args, luts)  # (tokens, target bytes), loaded once
