@@ -122,7 +122,7 @@ KNOBS = [
     K("LOOP_START", 3, int, "first looped layer", 0),
     K("LOOP_END", 5, int, "last looped layer (inclusive)", 0),
     K("ENABLE_LOOPING_AT", 0.35, float, "training progress at which depth recurrence turns on", 0.0),
-    K("PARALLEL_RESIDUAL_START", 7, int, "attention and MLP read the same input from this layer (-1: off)", -1),
+    K("PARALLEL_RESIDUAL_START", 8, int, "attention and MLP read the same input from this layer (-1: off)", -1),
     K("PARALLEL_RESIDUAL_LANES", 2, int, "1: one residual (GPT-J form); 2: from the first decoder position at such a layer on, attention reads lane 0, the MLP lane 1, lanes mixed by learned scalars, output their mean", 1),
     K("ATTN_OUT_GATE", 1, bool, "per-head sigmoid gate on the attention output"),
     K("ATTN_GATE_WIDTH", 12, int, "residual dims feeding the attention output gate", 1),

@@ -177,7 +177,7 @@ def test_explicit_impossible_values_stay_errors(env, message):
 def test_default_shape_is_untouched():
     args = tg.Hyperparameters({})
     assert args.adjusted == {} and "shape" not in args.sources.values()
-    assert (args.xsa_last_n, args.loop_start, args.loop_end, args.parallel_residual_start) == (11, 3, 5, 7)
+    assert (args.xsa_last_n, args.loop_start, args.loop_end, args.parallel_residual_start) == (11, 3, 5, 8)
 
 
 def test_lower_case_knob_is_caught():
