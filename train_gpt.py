@@ -3420,6 +3420,7 @@ def run(args: Hyperparameters, rt: Runtime):
         del model
     total = evaluate_artifact(args, rt, backend, code.nbytes, validation, path, eval_t0, train_ms)
     if dist.is_initialized():
+        rt.barrier()  # no rank tears gloo down while a peer still uses it (8 CPU ranks: a peer aborted)
         dist.destroy_process_group()
     # A run over a limit is still scored, for diagnosis; its error lines then end the log and the exit fails.
     cap_ms = 1000 * args.max_wallclock_seconds
