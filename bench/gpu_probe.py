@@ -25,7 +25,6 @@ import functools
 import importlib.util
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
